@@ -1,0 +1,102 @@
+"""`python -m pipeline.build_shards`: Sentinel-2 L2A via STAC -> WebDataset shards.
+
+Examples:
+    python -m pipeline.build_shards --aoi europe                  # embedded sample catalog, offline
+    python -m pipeline.build_shards --aoi ireland --catalog earth-search --start 2024-05-01 --end 2024-06-30
+    python -m pipeline.build_shards --bbox -7.5,52.2,-6.5,52.8 --catalog https://my.stac/api --dry-run
+    python -m pipeline.build_shards --config configs/pipeline/europe.yaml --output /data/s2
+
+Exit codes: 0 done (or already up to date), 2 bad input / unreachable catalog / unwritable
+output, 3 no scenes found, 1 unexpected error (a bug: traceback printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.config import load_config, parse_bbox
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline.build_shards")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.build_shards",
+        description="Search Sentinel-2 L2A scenes through STAC and write analysis-ready zarr cubes and WebDataset shards.",
+    )
+    g = p.add_argument_group("what to search")
+    g.add_argument("--aoi", help="named AOI in catalogs/aois/ (default: europe)")
+    g.add_argument("--bbox", help="W,S,E,N in degrees (overrides --aoi)")
+    g.add_argument("--catalog", help="source name in catalogs/sources.yaml, a STAC API URL, or a static catalog.json "
+                   "(default: the embedded sample catalog)")
+    g.add_argument("--collection", help="collection id (default: the source's L2A collection)")
+    g.add_argument("--start", help="first date, ISO (inclusive)")
+    g.add_argument("--end", help="last date, ISO (inclusive)")
+    g.add_argument("--max-cloud", type=float, dest="max_cloud", help="max scene eo:cloud_cover in percent (default 30)")
+    g.add_argument("--max-items", type=int, dest="max_items", help="stop the search after this many items (default 1000)")
+    o = p.add_argument_group("output")
+    o.add_argument("--output", help="dataset directory (default: datasets/<aoi>)")
+    o.add_argument("--config", help="YAML file with any of the keys of BuildConfig; flags override it")
+    o.add_argument("--dry-run", action="store_true", help="print the scenes found and chips it would make; write nothing")
+    o.add_argument("--overwrite", action="store_true", help="replace a finished dataset built with another config")
+    o.add_argument("--workers", type=int, help="Dask threads (default: all cores)")
+    o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("urllib3", "rasterio", "distributed", "uvicorn", "httpx", "asyncio"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        overrides = {
+            "aoi": args.aoi,
+            "bbox": parse_bbox(args.bbox) if args.bbox else None,
+            "catalog": args.catalog,
+            "collection": args.collection,
+            "start": args.start,
+            "end": args.end,
+            "max_cloud": args.max_cloud,
+            "max_items": args.max_items,
+            "output": args.output,
+            "workers": args.workers,
+        }
+        cfg = load_config(args.config, overrides)
+        from pipeline.stages import build  # heavy imports (dask, xarray) after argument checks
+
+        summary = build(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
+    except PipelineError as e:
+        log.error("%s", e)
+        return e.exit_code
+    except KeyboardInterrupt:
+        log.error("interrupted: run the same command again to resume")
+        return 130
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
+    if s.dry_run:
+        log.info("dry run: nothing written")
+        return
+    log.info("scenes: %d found, %d used, %d rejected", s.found, s.used, sum(s.rejected.values()))
+    for reason, n in s.rejected.most_common():
+        log.info("  rejected %4d  %s", n, reason)
+    for name, per in s.chips.items():
+        log.info("dataset %s: %s", name, ", ".join(f"{k} {v}" for k, v in per.items()))
+        for reason, n in sorted(s.dropped.get(name, {}).items()):
+            log.info("  dropped %4d  %s", n, reason)
+    if not s.up_to_date:
+        log.info("wrote %.1f MB in %.1f s -> %s", s.bytes / 1e6, s.seconds, s.output / "manifest.json")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Lazy load of one grid's scenes into a harmonised, analysis-ready cube stored as zarr.
+
+A *unit* is the set of scenes that share one 10 m grid (same CRS, transform and shape:
+one MGRS tile, or one sample patch). Its cube is
+
+    dn  [time, band, y, x] uint16   harmonised DN (reflectance = dn / 10000, 0 = nodata)
+    scl [time, y, x]       uint8    SCL classes resampled (nearest) to 10 m; 255 = no SCL
+
+in one zarr v3 store, georeferenced with rioxarray (CRS + transform travel with it), so
+re-tiling at another size, GSD or time window reads the zarr and never the COGs again.
+The load is lazy (odc-stac -> Dask) and the write streams chunk by chunk, so memory does
+not grow with the scene size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from pipeline.catalogs import sensor
+from pipeline.config import BuildConfig
+from pipeline.harmonise import apply_offsets
+from pipeline.search import Scene
+
+log = logging.getLogger(__name__)
+
+SCL_MISSING = 255  # value of the cube's scl where the item had no SCL asset
+
+# GDAL settings for remote COGs (union of odc-stac/stackstac cloud defaults, see
+# research/pipeline-anchors.md section 2): no directory listing, retries on transient HTTP errors.
+GDAL_CLOUD_ENV = {
+    "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
+    "GDAL_HTTP_MAX_RETRY": "10",
+    "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
+    "GDAL_HTTP_MULTIPLEX": "YES",
+    "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
+    "VSI_CACHE": "TRUE",
+}
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Scenes on one 10 m grid, in ascending (datetime, id) order."""
+
+    id: str
+    epsg: int
+    tile: str
+    shape: tuple[int, int]
+    transform: tuple[float, float, float, float, float, float]
+    scenes: tuple[Scene, ...]
+
+    def cube_hash(self, cfg: BuildConfig) -> str:
+        """Identity of the cube's content: scenes, their rules, and the resampling used."""
+        d = {
+            "scenes": [(s.id, s.harmonisation.rule, sorted(s.hrefs)) for s in self.scenes],
+            "resampling": cfg.resampling_full,
+            "grid": [self.epsg, list(self.shape), list(self.transform)],
+            "version": 1,
+        }
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, str]]]:
+    """Group scenes by grid. Same grid + same datetime = a reprocessed duplicate: keep the
+    newest processing baseline, reject the other (so no location/date appears twice)."""
+    by_grid: dict[tuple[Any, ...], dict[str, Scene]] = {}
+    dropped: list[tuple[Scene, str]] = []
+    for s in sorted(scenes, key=lambda s: (s.datetime, s.id)):
+        key = (s.epsg, s.grid_shape, s.grid_transform)
+        slot = by_grid.setdefault(key, {})
+        prev = slot.get(s.datetime)
+        if prev is None:
+            slot[s.datetime] = s
+            continue
+        new_pb = s.harmonisation.processing_baseline or ""
+        old_pb = prev.harmonisation.processing_baseline or ""
+        keep, drop = (s, prev) if new_pb > old_pb else (prev, s)
+        slot[s.datetime] = keep
+        dropped.append((drop, f"superseded by reprocessed item {keep.id}"))
+    units = []
+    for (epsg, shape, transform), slot in by_grid.items():
+        ss = tuple(sorted(slot.values(), key=lambda s: (s.datetime, s.id)))
+        h = hashlib.sha256(json.dumps([epsg, list(shape), list(transform)]).encode()).hexdigest()[:8]
+        tile = ss[0].tile or f"EPSG{epsg}"
+        units.append(Unit(f"{tile}_{h}", epsg, ss[0].tile, shape, transform, ss))
+    units.sort(key=lambda u: u.id)
+    return units, dropped
+
+
+def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Dataset:
+    """Lazy Dask-backed harmonised cube of a unit (nothing is read until computed)."""
+    import odc.stac
+    import pystac
+    from affine import Affine
+    from odc.geo.geobox import GeoBox
+
+    s = sensor()
+    bands = s.band_names
+    res = cfg.resampling_full
+    resampling = {b.name: ("nearest" if b.gsd == 10 else res[f"{b.gsd}m"]) for b in s.bands}
+    resampling["SCL"] = "nearest"  # classes must never be interpolated
+    geobox = GeoBox(unit.shape, Affine(*unit.transform), crs=f"EPSG:{unit.epsg}")
+    items = [pystac.Item.from_dict(sc.item, preserve_dict=True) for sc in unit.scenes]
+    with_scl = [sc.has_scl for sc in unit.scenes]
+    want = bands + (["SCL"] if any(with_scl) else [])
+    chunk = min(cfg.cube_chunk, max(unit.shape))
+    ds = odc.stac.load(
+        items,
+        bands=want,
+        geobox=geobox,
+        groupby="id",  # one time slice per item: two passes are never fused silently
+        resampling=resampling,
+        dtype="uint16",
+        nodata=0,
+        chunks={"time": 1, "y": chunk, "x": chunk},
+        fail_on_error=True,
+        preserve_original_order=True,
+        patch_url=patch_url,
+    )
+    order = [sc.id for sc in unit.scenes]
+    if ds.sizes["time"] != len(order):
+        raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time slices for {len(order)} items of {unit.id}")
+    dn = ds[bands].to_dataarray("band").transpose("time", "band", "y", "x")
+    offsets = xr.DataArray(
+        np.array([sc.harmonisation.offset_dn for sc in unit.scenes], dtype=np.int32), dims=["time"]
+    )
+    dn = apply_offsets(dn, offsets)
+    if "SCL" in ds:
+        scl = ds["SCL"].astype(np.uint8)
+        has = xr.DataArray(np.array(with_scl), dims=["time"])
+        scl = scl.where(has, SCL_MISSING).astype(np.uint8)
+    else:
+        scl = xr.full_like(dn.isel(band=0), SCL_MISSING, dtype=np.uint8)
+    out = xr.Dataset({"dn": dn, "scl": scl})
+    # Band names and scene ids live in attrs: string coordinates have no stable zarr v3 encoding.
+    out = out.drop_vars([c for c in ("band",) if c in out.coords])
+    out.attrs.update(
+        {
+            "unit": unit.id,
+            "tile": unit.tile,
+            "epsg": unit.epsg,
+            "grid_transform": list(unit.transform),
+            "scene_ids": order,
+            "datetimes": [sc.datetime for sc in unit.scenes],
+            "harmonisation": [{"scene_id": sc.id, **sc.harmonisation.to_json()} for sc in unit.scenes],
+            "has_scl": with_scl,
+            "resampling": {"20m": res["20m"], "60m": res["60m"], "scl": "nearest"},
+            "value_scale": s.scale,
+            "nodata": s.nodata,
+            "cube_hash": unit.cube_hash(cfg),
+        }
+    )
+    return out
+
+
+def cube_path(output: Path, unit: Unit) -> Path:
+    return output / "cube" / f"{unit.id}.zarr"
+
+
+def existing_cube(path: Path, cube_hash: str) -> xr.Dataset | None:
+    """Open a finished cube if it holds exactly this content, else None."""
+    if not path.is_dir():
+        return None
+    try:
+        ds = xr.open_zarr(path, consolidated=False)
+    except Exception:  # a damaged store from an old crash: rebuild it
+        return None
+    if ds.attrs.get("cube_hash") != cube_hash:
+        return None
+    return ds
+
+
+def write_cube(ds: xr.Dataset, path: Path, cfg: BuildConfig) -> xr.Dataset:
+    """Write the cube to zarr atomically (tmp dir + rename) and reopen it lazily."""
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+
+    ds = ds.rio.write_crs(f"EPSG:{ds.attrs['epsg']}")
+    ds = ds.rio.write_transform(_affine(ds.attrs["grid_transform"]))
+    chunk = min(cfg.cube_chunk, ds.sizes["y"], ds.sizes["x"])
+    ds = ds.chunk({"time": 1, "band": -1, "y": chunk, "x": chunk})
+    for v in ("dn", "scl"):
+        ds[v].encoding = {}
+    ds["dn"].attrs.update({"long_name": "harmonised DN (reflectance = dn * 1e-4)", "_FillValue_note": "0 = nodata"})
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=True)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return xr.open_zarr(path, consolidated=False)
+
+
+def _affine(t: Sequence[float]) -> Any:
+    from affine import Affine
+
+    return Affine(*t[:6])

@@ -1,0 +1,202 @@
+"""WebDataset shard writing with size caps, atomic publication and exact resume; stats.
+
+A shard is written as `<name>.tar.tmp`, fsynced, then renamed: a file under its final
+name is always complete. Tar members are deterministic (fixed mtime, owner and mode), so
+the same samples give byte-identical shards, which is what makes a resumed run equal an
+uninterrupted one.
+
+Per-band statistics are exact and streaming: each train shard keeps a histogram of its
+uint16 values per band (65536 bins); the dataset's mean, std and percentiles come from the
+sum of those histograms. A histogram is a mergeable summary, so resuming or adding shards
+never double counts and percentiles are exact, not sketched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+N_BINS = 65536
+PERCENTILES = (1, 2, 50, 98, 99)
+
+
+def encode_sample(data: np.ndarray, meta: dict[str, Any]) -> tuple[bytes, bytes]:
+    """`.npy` bytes (no pickle possible: plain uint16) and canonical JSON bytes."""
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, data, allow_pickle=False)
+    return buf.getvalue(), json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+
+
+def band_histogram(data: np.ndarray) -> np.ndarray:
+    """[C, 65536] int64 counts of valid (non-zero) values per band of [C,H,W] or [T,C,H,W]."""
+    c = data.shape[-3]
+    flat = np.moveaxis(data.reshape(-1, c, data.shape[-2] * data.shape[-1]), 1, 0).reshape(c, -1)
+    offs = (np.arange(c, dtype=np.int64) * N_BINS)[:, None]
+    hist = np.bincount((flat.astype(np.int64) + offs).ravel(), minlength=c * N_BINS).reshape(c, N_BINS)
+    hist[:, 0] = 0  # 0 = nodata
+    return hist
+
+
+def stats_from_histogram(hist: np.ndarray) -> dict[str, Any]:
+    """Per-band count, mean, std, min, max and percentiles (stored units) from [C, 65536]."""
+    values = np.arange(N_BINS, dtype=np.float64)
+    count = hist.sum(axis=1)
+    safe = np.maximum(count, 1)
+    mean = (hist * values).sum(axis=1) / safe
+    var = (hist * values**2).sum(axis=1) / safe - mean**2
+    cdf = np.cumsum(hist, axis=1)
+    out: dict[str, Any] = {
+        "count": count.astype(int).tolist(),
+        "mean": [round(float(v), 4) for v in mean],
+        "std": [round(float(v), 4) for v in np.sqrt(np.maximum(var, 0))],
+        "min": [int(np.argmax(h > 0)) if c else 0 for h, c in zip(hist, count)],
+        "max": [int(N_BINS - 1 - np.argmax(h[::-1] > 0)) if c else 0 for h, c in zip(hist, count)],
+        "percentiles": {},
+        "units": "harmonised DN (reflectance = value * 1e-4); valid pixels of the train split",
+    }
+    for p in PERCENTILES:
+        target = np.ceil(count * p / 100.0)
+        idx = [int(np.searchsorted(cdf[b], max(t, 1))) if count[b] else 0 for b, t in enumerate(target)]
+        out["percentiles"][f"p{p}"] = idx
+    return out
+
+
+@dataclass
+class ShardRecord:
+    path: str  # relative to the dataset root
+    num_samples: int
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "num_samples": self.num_samples, "bytes": self.bytes, "sha256": self.sha256}
+
+
+class _HashingFile(io.RawIOBase):
+    """File wrapper that hashes and counts bytes as they are written (no second read)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.h = hashlib.sha256()
+        self.n = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.n
+
+    def write(self, b: Any) -> int:
+        mv = memoryview(b)
+        self.h.update(mv)
+        self.n += len(mv)
+        self.f.write(mv)
+        return len(mv)
+
+
+@dataclass
+class ShardWriter:
+    """Writes `<root>/<prefix>-NNNNNN.tar` shards, closing one at `max_bytes` or `max_samples`.
+
+    `on_close(record, hist)` is called after each shard is renamed to its final name, with
+    the shard's band histogram when `with_hist` (used for train statistics).
+    """
+
+    root: Path
+    rel_dir: str
+    prefix: str
+    max_bytes: int
+    max_samples: int
+    index: int = 0
+    with_hist: bool = False
+    on_close: Any = None
+    _tar: tarfile.TarFile | None = field(default=None, repr=False)
+    _raw: Any = field(default=None, repr=False)
+    _hf: _HashingFile | None = field(default=None, repr=False)
+    _count: int = 0
+    _hist: np.ndarray | None = field(default=None, repr=False)
+
+    def _final(self, i: int) -> Path:
+        return self.root / self.rel_dir / f"{self.prefix}-{i:06d}.tar"
+
+    def _open(self) -> None:
+        final = self._final(self.index)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        self._raw = open(final.with_name(final.name + ".tmp"), "wb")
+        self._hf = _HashingFile(self._raw)
+        self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.GNU_FORMAT)
+        self._count = 0
+        self._hist = np.zeros((12, N_BINS), dtype=np.int64) if self.with_hist else None
+
+    @staticmethod
+    def _member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+        ti = tarfile.TarInfo(name)
+        ti.size = len(payload)
+        ti.mtime = 0  # deterministic bytes
+        ti.mode = 0o444
+        ti.uid = ti.gid = 0
+        ti.uname = ti.gname = ""
+        return ti, io.BytesIO(payload)
+
+    def write(self, key: str, data: np.ndarray, meta: dict[str, Any]) -> None:
+        npy, js = encode_sample(data, meta)
+        size = len(npy) + len(js) + 3 * 512  # two headers + padding, upper bound
+        if self._tar is not None and self._count > 0 and (
+            self._count >= self.max_samples or self._hf.n + size > self.max_bytes  # type: ignore[union-attr]
+        ):
+            self.close_shard()
+        if self._tar is None:
+            self._open()
+        assert self._tar is not None
+        self._tar.addfile(*self._member(f"{key}.npy", npy))
+        self._tar.addfile(*self._member(f"{key}.json", js))
+        self._count += 1
+        if self._hist is not None:
+            if self._hist.shape[0] != data.shape[-3]:
+                self._hist = np.zeros((data.shape[-3], N_BINS), dtype=np.int64)
+            self._hist += band_histogram(data)
+
+    def close_shard(self) -> ShardRecord | None:
+        if self._tar is None:
+            return None
+        self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
+        assert self._hf is not None
+        self._raw.flush()
+        os.fsync(self._raw.fileno())
+        self._raw.close()
+        final = self._final(self.index)
+        os.replace(final.with_name(final.name + ".tmp"), final)
+        rec = ShardRecord(f"{self.rel_dir}/{final.name}", self._count, self._hf.n, self._hf.h.hexdigest())
+        hist = self._hist
+        self._tar = None
+        self.index += 1
+        if self.on_close is not None:
+            self.on_close(rec, hist)
+        return rec
+
+    def abandon(self) -> None:
+        """Drop the open (incomplete) shard without publishing it."""
+        if self._tar is None:
+            return
+        self._raw.close()
+        final = self._final(self.index)
+        final.with_name(final.name + ".tmp").unlink(missing_ok=True)
+        self._tar = None
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write JSON to `path` via a fsynced temporary file and an atomic rename."""
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,368 @@
+"""Cut a unit's cube into chips: by size, GSD and time; quality fractions; spatial split.
+
+Pure functions over numpy arrays plus one generator, `iter_chips`, that streams a cube
+row-strip by row-strip, so memory is bounded by one strip of `size * factor` rows of the
+10 m cube (all bands, `time_steps` dates), never the whole scene.
+
+Chip enumeration order (deterministic, the resume position relies on it):
+time group (ascending dates) -> chip row -> chip column.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from pipeline.catalogs import sensor
+from pipeline.config import BuildConfig, SplitConfig, TilingSpec
+
+SCL_MISSING = 255  # cube value where the item had no SCL (see pipeline.cube)
+
+
+@dataclass(frozen=True)
+class Chip:
+    """One chip ready to write. `data` is uint16 [C, H, W] or [T, C, H, W]."""
+
+    key: str
+    split: str
+    data: np.ndarray
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Dropped:
+    """A chip position that was not written, with the reason (counted in the summary)."""
+
+    reason: str
+
+
+# -- geometry -----------------------------------------------------------------------
+
+
+def positions(n: int, size: int, stride: int) -> np.ndarray:
+    """Chip offsets along one axis of length n (only whole chips)."""
+    if n < size:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(0, n - size + 1, stride, dtype=np.int64)
+
+
+def small_scene_shape(h: int, w: int, size: int, rule: str) -> tuple[int, int] | None:
+    """Output-grid shape after the small-scene rule, or None when the scene is big enough
+    (or the rule is `skip`). SpectralGPT resized 120 px BigEarthNet patches to 128."""
+    if h >= size and w >= size:
+        return None
+    if rule == "skip":
+        return None
+    return max(h, size), max(w, size)
+
+
+@functools.cache
+def _to_lonlat(epsg: int) -> Any:
+    from pyproj import Transformer
+
+    return Transformer.from_crs(epsg, 4326, always_xy=True)
+
+
+def lonlat_bounds(epsg: int, x0: np.ndarray, y0: np.ndarray, x1: np.ndarray, y1: np.ndarray) -> np.ndarray:
+    """[N, 4] lon/lat bounds (W, S, E, N) of N projected boxes, from their 4 corners."""
+    t = _to_lonlat(epsg)
+    xs = np.stack([x0, x1, x1, x0], axis=1)
+    ys = np.stack([y0, y0, y1, y1], axis=1)
+    lon, lat = t.transform(xs, ys)
+    return np.stack([lon.min(1), lat.min(1), lon.max(1), lat.max(1)], axis=1)
+
+
+def block_split(epsg: int, bx: int, by: int, split: SplitConfig) -> str:
+    """Deterministic train/val assignment of one spatial block (hash, not RNG state)."""
+    h = hashlib.sha256(f"{split.seed}:{epsg}:{bx}:{by}".encode()).digest()
+    u = int.from_bytes(h[:8], "big") / 2**64
+    return "val" if u < split.val_fraction else "train"
+
+
+def chip_split(epsg: int, x0: float, y0: float, x1: float, y1: float, split: SplitConfig) -> str | None:
+    """Split of a chip footprint (projected metres, x0<x1, y0<y1); None if it touches
+    blocks of both splits (dropped: no val pixel may sit inside a train chip)."""
+    b = split.block_m
+    eps = 1e-6
+    bxs = range(int(np.floor(x0 / b)), int(np.floor((x1 - eps) / b)) + 1)
+    bys = range(int(np.floor(y0 / b)), int(np.floor((y1 - eps) / b)) + 1)
+    splits = {block_split(epsg, bx, by, split) for bx in bxs for by in bys}
+    return splits.pop() if len(splits) == 1 else None
+
+
+# -- pixels -------------------------------------------------------------------------
+
+
+def coarsen(dn: np.ndarray, f: int) -> np.ndarray:
+    """Nodata-aware f x f block mean of uint16 [..., H, W] (H, W multiples of f)."""
+    if f == 1:
+        return dn
+    *lead, h, w = dn.shape
+    blocks = dn.reshape(*lead, h // f, f, w // f, f).astype(np.float32)
+    valid = (blocks > 0).sum(axis=(-3, -1))
+    total = blocks.sum(axis=(-3, -1))
+    out = np.where(valid > 0, np.rint(total / np.maximum(valid, 1)), 0)
+    return out.astype(np.uint16)
+
+
+def resize_bilinear(dn: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Nodata-aware bilinear resize of uint16 [..., H, W] (pixel-centre aligned).
+
+    Values and a validity weight are interpolated separately, so nodata never bleeds into
+    valid pixels as dark values; outputs with less than half valid support become nodata.
+    """
+    *lead, h, w = dn.shape
+
+    def axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = (np.arange(n_out) + 0.5) * n_in / n_out - 0.5
+        pos = np.clip(pos, 0, n_in - 1)
+        i0 = np.floor(pos).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        return i0, i1, (pos - i0).astype(np.float32)
+
+    y0, y1, wy = axis_weights(h, out_h)
+    x0, x1, wx = axis_weights(w, out_w)
+    v = dn.astype(np.float32)
+    m = (dn > 0).astype(np.float32)
+
+    def interp(a: np.ndarray) -> np.ndarray:
+        rows = a[..., y0, :] * (1 - wy)[:, None] + a[..., y1, :] * wy[:, None]
+        return rows[..., x0] * (1 - wx) + rows[..., x1] * wx
+
+    vw = interp(v * m)
+    mw = interp(m)
+    out = np.where(mw >= 0.5, np.rint(vw / np.maximum(mw, 1e-6)), 0)
+    return np.clip(out, 0, 65535).astype(np.uint16)
+
+
+def resize_nearest(a: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    *lead, h, w = a.shape
+    yi = np.minimum(((np.arange(out_h) + 0.5) * h / out_h).astype(np.int64), h - 1)
+    xi = np.minimum(((np.arange(out_w) + 0.5) * w / out_w).astype(np.int64), w - 1)
+    return a[..., yi, :][..., xi]
+
+
+def box_fractions(mask: np.ndarray, col0: np.ndarray, width: int) -> np.ndarray:
+    """Fraction of True in each [:, c : c + width] box of a 2-D mask [H, W], for all c at once."""
+    col = np.concatenate([[0], np.cumsum(mask.sum(axis=0, dtype=np.int64))])
+    return (col[col0 + width] - col[col0]) / float(mask.shape[0] * width)
+
+
+def quality_masks(dn: np.ndarray, scl: np.ndarray) -> dict[str, np.ndarray]:
+    """Boolean masks [H, W] for one date: dn [C, H, W] uint16, scl [H, W] uint8."""
+    groups = sensor().scl_groups
+    nodata = (dn == 0).any(axis=0)
+    masks = {"nodata": nodata}
+    if (scl == SCL_MISSING).all():
+        masks["invalid"] = nodata
+        return masks
+    for name, classes in groups.items():
+        m = np.isin(scl, classes)
+        masks[name] = (m | nodata) if name == "invalid" else m
+    return masks
+
+
+# -- the generator ------------------------------------------------------------------
+
+
+def iter_chips(
+    cube: xr.Dataset, spec: TilingSpec, cfg: BuildConfig, source: dict[str, Any] | None = None
+) -> Iterator[Chip | Dropped]:
+    """Yield every chip position of one cube for one tiling spec, in enumeration order.
+
+    Each position yields either a `Chip` (passed quality and split) or a `Dropped`.
+    """
+    s = sensor()
+    f = spec.factor
+    size = spec.size
+    stride = size - spec.overlap
+    t_all = cube.sizes["time"]
+    h10, w10 = cube.sizes["y"], cube.sizes["x"]
+    a, _, c0, _, e, f0 = cube.attrs["grid_transform"][:6]
+    epsg = int(cube.attrs["epsg"])
+    has_scl = list(cube.attrs["has_scl"])
+    datetimes = list(cube.attrs["datetimes"])
+    scene_ids = list(cube.attrs["scene_ids"])
+    harm = list(cube.attrs["harmonisation"])
+    tile = cube.attrs.get("tile") or f"EPSG{epsg}"
+    h, w = h10 // f, w10 // f  # output grid
+    small = small_scene_shape(h, w, size, cfg.small_scene)
+    if (h < size or w < size) and small is None:
+        # rule 'skip': a scene smaller than the chip gives nothing
+        yield Dropped("scene smaller than chip (small_scene: skip)")
+        return
+    groups = [tuple(range(i, i + spec.time_steps)) for i in range(0, t_all - spec.time_steps + 1, spec.time_steps)]
+    if not groups:
+        yield Dropped(f"fewer than {spec.time_steps} dates on this grid")
+        return
+    q = cfg.quality
+    common = {
+        "dataset": spec.name,
+        "bands": s.band_names,
+        "dtype": "uint16",
+        "layout": "CHW" if spec.time_steps == 1 else "TCHW",
+        "value_scale": s.scale,
+        "nodata": s.nodata,
+        "tile": cube.attrs.get("tile", ""),
+        "crs": f"EPSG:{epsg}",
+        "resampling": dict(cube.attrs["resampling"]),
+        "source": dict(source or {}),
+    }
+    for tg in groups:
+        t_idx = list(tg)
+        if small is not None:
+            yield from _small_scene_chips(cube, spec, cfg, t_idx, small, common)
+            continue
+        rows = positions(h, size, stride)
+        cols = positions(w, size, stride)
+        for r in rows:
+            y_lo, y_hi = int(r) * f, (int(r) + size) * f
+            strip = cube["dn"].isel(time=t_idx, y=slice(y_lo, y_hi), x=slice(0, w * f)).values  # [T, C, S*f, W*f]
+            scl = cube["scl"].isel(time=t_idx, y=slice(y_lo, y_hi), x=slice(0, w * f)).values  # [T, S*f, W*f]
+            col10 = cols * f
+            fr = _strip_fractions(strip, scl, col10, size * f)  # name -> [T, ncols]
+            worst = {k: v.max(axis=0) for k, v in fr.items()}
+            x0 = c0 + col10 * a
+            x1 = x0 + size * f * a
+            y_top = f0 + y_lo * e
+            y_bot = f0 + y_hi * e
+            ll = lonlat_bounds(epsg, x0, np.full_like(x0, y_bot, dtype=float), x1, np.full_like(x0, y_top, dtype=float))
+            for j, c in enumerate(cols):
+                frac = {k: float(v[j]) for k, v in worst.items()}
+                reason = _quality_reason(frac, q)
+                if reason:
+                    yield Dropped(reason)
+                    continue
+                split = chip_split(epsg, float(x0[j]), float(y_bot), float(x1[j]), float(y_top), cfg.split)
+                if split is None:
+                    yield Dropped("straddles a train/val block boundary")
+                    continue
+                xs = slice(int(c) * f, (int(c) + size) * f)
+                data = coarsen(strip[:, :, :, xs], f)  # [T, C, S, S]
+                if spec.time_steps == 1:
+                    data = data[0]
+                meta = _meta(
+                    common, spec, tile, t_idx, int(r), int(c), scene_ids, datetimes, harm, has_scl,
+                    transform=[a * f, 0.0, float(x0[j]), 0.0, e * f, float(y_top)],
+                    gsd=abs(a) * f, bbox=ll[j].tolist(), frac=frac, small_rule="none", split=split,
+                )
+                yield Chip(meta["key"], split, np.ascontiguousarray(data), meta)
+
+
+def _small_scene_chips(
+    cube: xr.Dataset, spec: TilingSpec, cfg: BuildConfig, t_idx: list[int], shape: tuple[int, int], common: dict[str, Any]
+) -> Iterator[Chip | Dropped]:
+    """Chips of a scene smaller than the chip: resized or padded as `cfg.small_scene` says."""
+    f = spec.factor
+    size = spec.size
+    stride = size - spec.overlap
+    h10, w10 = cube.sizes["y"], cube.sizes["x"]
+    h, w = h10 // f, w10 // f
+    a, _, c0, _, e, f0 = cube.attrs["grid_transform"][:6]
+    epsg = int(cube.attrs["epsg"])
+    dn = coarsen(cube["dn"].isel(time=t_idx, y=slice(0, h * f), x=slice(0, w * f)).values, f)  # [T, C, h, w]
+    scl = cube["scl"].isel(time=t_idx, y=slice(0, h * f), x=slice(0, w * f)).values
+    scl = resize_nearest(scl, h, w) if f > 1 else scl
+    out_h, out_w = shape
+    if cfg.small_scene == "resize":
+        dn = resize_bilinear(dn, out_h, out_w)
+        scl = resize_nearest(scl, out_h, out_w)
+        rule = f"resize:{h}x{w}->{out_h}x{out_w}:bilinear"
+        px_x, px_y = abs(a) * f * w / out_w, abs(e) * f * h / out_h
+    else:  # pad with nodata at the bottom/right
+        dn = np.pad(dn, [(0, 0), (0, 0), (0, out_h - h), (0, out_w - w)])
+        scl = np.pad(scl, [(0, 0), (0, out_h - h), (0, out_w - w)], constant_values=SCL_MISSING)
+        rule = f"pad:{h}x{w}->{out_h}x{out_w}:nodata"
+        px_x, px_y = abs(a) * f, abs(e) * f
+    rows = positions(out_h, size, stride)
+    cols = positions(out_w, size, stride)
+    tile = cube.attrs.get("tile") or f"EPSG{epsg}"
+    for r in rows:
+        for c in cols:
+            sub = dn[:, :, r : r + size, c : c + size]
+            fr = _strip_fractions(sub, scl[:, r : r + size, c : c + size], np.array([0]), size)
+            frac = {k: float(v[:, 0].max()) for k, v in fr.items()}
+            reason = _quality_reason(frac, cfg.quality)
+            if reason:
+                yield Dropped(reason)
+                continue
+            x0 = c0 + c * px_x
+            y_top = f0 - r * px_y
+            x1, y_bot = x0 + size * px_x, y_top - size * px_y
+            split = chip_split(epsg, x0, y_bot, x1, y_top, cfg.split)
+            if split is None:
+                yield Dropped("straddles a train/val block boundary")
+                continue
+            ll = lonlat_bounds(epsg, np.array([x0]), np.array([y_bot]), np.array([x1]), np.array([y_top]))[0]
+            data = sub[0] if spec.time_steps == 1 else sub
+            meta = _meta(
+                common, spec, tile, t_idx, int(r), int(c), list(cube.attrs["scene_ids"]), list(cube.attrs["datetimes"]),
+                list(cube.attrs["harmonisation"]), list(cube.attrs["has_scl"]),
+                transform=[px_x, 0.0, x0, 0.0, -px_y, y_top], gsd=px_x, bbox=ll.tolist(), frac=frac,
+                small_rule=rule, split=split,
+            )
+            yield Chip(meta["key"], split, np.ascontiguousarray(data), meta)
+
+
+def _strip_fractions(dn: np.ndarray, scl: np.ndarray, col0: np.ndarray, width: int) -> dict[str, np.ndarray]:
+    """Quality fractions [T, ncols] of boxes of `width` columns starting at `col0`."""
+    out: dict[str, list[np.ndarray]] = {}
+    for t in range(dn.shape[0]):
+        for name, m in quality_masks(dn[t], scl[t]).items():
+            out.setdefault(name, []).append(box_fractions(m, col0, width))
+    res = {k: np.stack(v) for k, v in out.items()}
+    return res
+
+
+def _quality_reason(frac: dict[str, float], q: Any) -> str:
+    if frac.get("invalid", frac["nodata"]) > q.max_invalid:
+        return "invalid/nodata fraction above quality.max_invalid"
+    if frac.get("cloud", 0.0) > q.max_cloud:
+        return "cloud fraction above quality.max_cloud"
+    if frac.get("snow", 0.0) > q.max_snow:
+        return "snow fraction above quality.max_snow"
+    return ""
+
+
+def _meta(
+    common: dict[str, Any], spec: TilingSpec, tile: str, t_idx: list[int], r: int, c: int,
+    scene_ids: list[str], datetimes: list[str], harm: list[dict[str, Any]], has_scl: list[bool], *,
+    transform: list[float], gsd: float, bbox: list[float], frac: dict[str, float], small_rule: str, split: str,
+) -> dict[str, Any]:
+    ids = [scene_ids[t] for t in t_idx]
+    sh = hashlib.sha256("|".join(ids).encode()).hexdigest()[:8]
+    date = datetimes[t_idx[0]][:10].replace("-", "")
+    key = f"{tile}_{date}_{sh}_{spec.name}_{r:05d}_{c:05d}"
+    scl_known = all(has_scl[t] for t in t_idx)
+    quality: dict[str, Any] = {
+        "nodata": frac["nodata"],
+        "invalid": frac.get("invalid", frac["nodata"]),
+        "scl": scl_known,
+    }
+    for k in ("cloud", "shadow", "cirrus", "snow"):
+        quality[k] = frac.get(k) if scl_known else None
+    shape = [len(sensor().band_names), spec.size, spec.size]
+    if spec.time_steps > 1:
+        shape = [spec.time_steps, *shape]
+    return {
+        **common,
+        "key": key,
+        "split": split,
+        "shape": shape,
+        "scene_ids": ids,
+        "datetimes": [datetimes[t] for t in t_idx],
+        "transform": [float(v) for v in transform],
+        "gsd": float(gsd),
+        "bbox_lonlat": [round(float(v), 7) for v in bbox],
+        "pixel_offset": [r, c],
+        "harmonisation": [harm[t] for t in t_idx],
+        "small_scene_rule": small_rule,
+        "quality": quality,
+        "mask_note": None if scl_known else "no SCL asset: only nodata is known; cloud/shadow/cirrus/snow are null",
+    }
