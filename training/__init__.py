@@ -1,0 +1,1 @@
+"""SpectralGPT pretraining: model, streaming loader, DeepSpeed engine, checkpoints, export."""

@@ -1,0 +1,205 @@
+"""Checkpoints: atomic DeepSpeed saves, trainer state, universal conversion, fp32 weights.
+
+Layout under ``<run_dir>/checkpoints/``::
+
+    global_step40/                 DeepSpeed files of every rank (model + ZeRO partitions)
+      trainer_state.json           our state: stage, steps, data position, world size, config
+    global_step40_universal/       made on demand when resuming on another world size
+    latest                         the tag of the newest *complete* checkpoint
+
+Atomicity: DeepSpeed writes ``global_stepN/`` file by file; ``latest`` is replaced (tmp +
+rename) by rank 0 only after a barrier that every rank reaches after its own writes. A run
+killed mid-save leaves ``latest`` pointing at the previous complete checkpoint; the partial
+folder is overwritten or pruned later.
+
+Different world size: ZeRO partitions depend on the number of processes, so ``--resume`` on
+another world size converts the checkpoint once with DeepSpeed's
+``deepspeed.checkpoint.ds_to_universal`` and loads it with ``checkpoint.load_universal``.
+The ``universal_checkpoint_info`` the converter needs is attached to the model before the
+first save (:func:`mark_universal`); DeepSpeed 0.19 reserves that client-state key and reads
+it from the module attribute instead.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from training.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest"
+STATE_FILE = "trainer_state.json"
+UNIVERSAL_SUFFIX = "_universal"
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """Where a run is: enough to rebuild the model, the schedule and the data streams."""
+
+    stage_index: int
+    stage_name: str
+    step_in_stage: int
+    """Optimizer steps done in this stage."""
+    stage_steps: int
+    """Optimizer steps this stage has in total."""
+    global_step: int
+    """Optimizer steps done in the whole run (all stages)."""
+    samples_seen: int
+    """Samples consumed in the whole run (global_step x effective batch, summed over stages)."""
+    world_size: int
+    data_position: dict[str, Any]
+    config: dict[str, Any]
+    """The resolved run config (``RunConfig.to_dict()``)."""
+
+    @property
+    def stage_done(self) -> bool:
+        return self.step_in_stage >= self.stage_steps
+
+
+def tag_for(global_step: int) -> str:
+    return f"global_step{global_step}"
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def mark_universal(model: nn.Module) -> None:
+    """Attach the metadata ``ds_to_universal`` requires (plain data-parallel model)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    setattr(model, UNIVERSAL_CHECKPOINT_INFO,
+            {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
+
+
+def save(engine: Any, ckpt_dir: Path, state: TrainerState, keep: int) -> str:
+    """Save on all ranks, then publish ``latest`` atomically; return the tag.
+
+    Must be called by every rank (ZeRO partitions are written by their owners).
+    """
+    tag = tag_for(state.global_step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": asdict(state)},
+                           save_latest=False)
+    if _is_rank0():
+        _write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(asdict(state), indent=1))
+    _barrier()  # every rank's files are on disk
+    if _is_rank0():
+        _write_atomic(ckpt_dir / LATEST, tag)
+        prune(ckpt_dir, keep)
+        logger.info("checkpoint %s saved (stage %s, step %d/%d)", ckpt_dir / tag,
+                    state.stage_name, state.step_in_stage, state.stage_steps)
+    _barrier()
+    return tag
+
+
+def prune(ckpt_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` complete checkpoints (never the ``latest`` one)."""
+    latest = (ckpt_dir / LATEST).read_text().strip()
+    tags = sorted((p for p in ckpt_dir.glob("global_step*") if p.is_dir()
+                   and not p.name.endswith(UNIVERSAL_SUFFIX)),
+                  key=lambda p: int(p.name.removeprefix("global_step")))
+    latest_step = int(latest.removeprefix("global_step"))
+    complete = [p for p in tags if (p / STATE_FILE).is_file()]
+    # Partial folders newer than latest belong to a save in flight on no rank (we are past
+    # the barrier); older partial ones are leftovers of a killed save.
+    doomed = [p for p in complete[:-keep] if p.name != latest]
+    doomed += [p for p in tags if not (p / STATE_FILE).is_file()
+               and int(p.name.removeprefix("global_step")) < latest_step]
+    for path in doomed:
+        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path.with_name(path.name + UNIVERSAL_SUFFIX), ignore_errors=True)
+
+
+def resolve(path: Path) -> tuple[Path, str]:
+    """``(checkpoint dir, tag)`` for a run dir, a checkpoints dir or a tag folder."""
+    path = Path(path)
+    if (path / STATE_FILE).is_file():
+        return path.parent, path.name
+    for candidate in (path, path / "checkpoints"):
+        if (candidate / LATEST).is_file():
+            tag = (candidate / LATEST).read_text().strip()
+            if not (candidate / tag / STATE_FILE).is_file():
+                raise CheckpointError(f"'{candidate / LATEST}' names {tag}, which is incomplete")
+            return candidate, tag
+    raise CheckpointError(f"no checkpoint found at '{path}' (expected a run directory with "
+                          f"checkpoints/{LATEST}, or a global_stepN folder)")
+
+
+def read_state(ckpt_dir: Path, tag: str) -> TrainerState:
+    data = json.loads((ckpt_dir / tag / STATE_FILE).read_text())
+    return TrainerState(**data)
+
+
+def universal_tag(ckpt_dir: Path, tag: str) -> str:
+    """Convert ``tag`` to a universal checkpoint once (rank 0); return the universal tag.
+
+    All ranks call this; the others wait at the barrier. The conversion writes to a
+    temporary folder that is renamed when complete, so a killed conversion is redone.
+    """
+    utag = tag + UNIVERSAL_SUFFIX
+    target = ckpt_dir / utag
+    if _is_rank0() and not (target / STATE_FILE).is_file():
+        tmp = ckpt_dir / f".{utag}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        logger.info("world size changed: converting %s to a universal checkpoint", tag)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            raise CheckpointError(f"ds_to_universal failed for {ckpt_dir / tag}: {tail[0]}")
+        shutil.copy2(ckpt_dir / tag / STATE_FILE, tmp / STATE_FILE)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+    _barrier()
+    if not (target / STATE_FILE).is_file():
+        raise CheckpointError(f"universal checkpoint {target} was not produced")
+    return utag
+
+
+def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of ``engine``'s module on CPU, on every rank (collective in ZeRO-3)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    out = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        out[name] = (full if full is not None else param.detach()).float().cpu().clone()
+    return out
+
+
+def fp32_state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Consolidated fp32 weights of a saved checkpoint (any ZeRO stage, any world size)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    return {k: v.float().contiguous() for k, v in state.items()}

@@ -1,0 +1,375 @@
+"""Progressive SpectralGPT pretraining with DeepSpeed ZeRO: the entry point.
+
+Usage (from the repository root)::
+
+    deepspeed training/pretrain.py                                  # tiny CPU default
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 training/pretrain.py --config training/configs/tiny_cpu.yaml
+    torchrun --nproc_per_node 8 training/pretrain.py --config training/configs/base_gpu.yaml
+    deepspeed training/pretrain.py --set deepspeed_config=ds_zero3.json --set stages.0.samples=64
+    deepspeed training/pretrain.py --resume                         # continue runs/<name>
+
+For every stage of the config: build the model at the stage's image size (from the previous
+stage's weights, spatial position tables interpolated or re-initialised), wrap it in a
+DeepSpeed engine with a fresh AdamW (as the official code does between stages), stream the
+stage's shards and run :func:`training.engine.train_stage`.
+
+Exit codes: 0 done (or stopped at ``stop_at_step``), 1 non-finite loss, 2 configuration,
+data or checkpoint error (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import logging
+import math
+import os
+import socket
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a script by the deepspeed launcher or torchrun: make the repository importable.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+
+# DeepSpeed 0.19 calls a collective that torch 2.13 deprecates, once per step and rank.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # DeepSpeed would probe for CUDA and warn; say what we mean before it is imported.
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+from training import checkpoint, report  # noqa: E402
+from training.checkpoint import TrainerState  # noqa: E402
+from training.config import RunConfig, StageConfig, dump_config, load_config  # noqa: E402
+from training.data import (  # noqa: E402
+    DataPosition,
+    ShardSet,
+    ShardStream,
+    make_loader,
+    read_shard_set,
+)
+from training.engine import StageContext, train_stage  # noqa: E402
+from training.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingError  # noqa: E402
+from training.models.spectral_mae import SpectralMAE, adapt_state_dict  # noqa: E402
+from training.optim import Schedule, param_groups  # noqa: E402
+
+logger = logging.getLogger("training.pretrain")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepspeed training/pretrain.py",
+        description="Progressive SpectralGPT pretraining on pipeline shards (DeepSpeed ZeRO).")
+    parser.add_argument("--config", default=None,
+                        help="YAML run config (default: training/configs/tiny_cpu.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set stages.1.samples=64 "
+                             "--set deepspeed_config=ds_zero3.json (repeatable)")
+    parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
+                        help="continue from the latest checkpoint of the run directory, or "
+                             "of PATH (a run dir, its checkpoints/ dir or a global_stepN dir)")
+    # Passed by the deepspeed launcher; the rank is read from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=argparse.SUPPRESS)
+    return parser
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def _setup_logging(rank: int) -> None:
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = "%(asctime)s %(levelname)s %(message)s" if rank == 0 else \
+        f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"
+    logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _init_distributed() -> tuple[int, int, int]:
+    """Join the process group set up by deepspeed/torchrun, or make a 1-process one."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # plain `python training/pretrain.py`
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        deepspeed.init_distributed()
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _device(local_rank: int) -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    if "OMP_NUM_THREADS" not in os.environ:
+        # Share the cores between the processes of this node instead of oversubscribing.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    return torch.device(accel.device_name())
+
+
+# --------------------------------------------------------------------------- derived numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    """Numbers derived for one stage from the config, the manifest and the world size."""
+
+    samples: int
+    steps: int
+    warmup_steps: int
+    micro_batch: int
+    accumulation: int
+    global_batch: int
+    peak_lr: float
+
+
+def plan_stage(run: RunConfig, stage: StageConfig, shard_set: ShardSet,
+               world_size: int) -> StagePlan:
+    """Steps, warm-up, accumulation and LR of ``stage`` (LR = blr x effective batch / 256)."""
+    mb, gb = run.micro_batch_for(stage), run.global_batch_for(stage)
+    if gb % (mb * world_size):
+        raise ConfigError(f"stage '{stage.name}': global_batch {gb} is not divisible by "
+                          f"micro_batch {mb} x {world_size} processes; change micro_batch, "
+                          f"global_batch or the number of processes")
+    accumulation = gb // (mb * world_size)
+    samples = stage.samples if stage.samples is not None else \
+        round(stage.epochs * shard_set.num_samples)  # type: ignore[operator]
+    steps = max(1, math.ceil(samples / gb))
+    if stage.warmup_samples is not None:
+        warmup = math.ceil(stage.warmup_samples / gb)
+    elif stage.warmup_epochs is not None:
+        warmup = math.ceil(stage.warmup_epochs * shard_set.num_samples / gb)
+    else:
+        warmup = 0
+    return StagePlan(samples, steps, min(warmup, steps), mb, accumulation, gb,
+                     stage.blr * gb / 256)
+
+
+def deepspeed_config(run: RunConfig, plan: StagePlan, *, load_universal: bool) -> dict:
+    """The shipped ZeRO JSON with batch, accumulation, clipping and precision from the run."""
+    path = run.deepspeed_config_path()
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"deepspeed_config '{path}' is not valid JSON: {exc}") from None
+    cfg.update(train_micro_batch_size_per_gpu=plan.micro_batch,
+               gradient_accumulation_steps=plan.accumulation,
+               train_batch_size=plan.global_batch,
+               gradient_clipping=float(run.grad_clip or 0.0))
+    cfg["bf16"] = {"enabled": run.bf16}
+    # Our AdamW groups are torch's; ZeRO accepts it with this flag.
+    cfg["zero_allow_untested_optimizer"] = True
+    if load_universal:
+        cfg.setdefault("checkpoint", {})["load_universal"] = True
+    return cfg
+
+
+def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan,
+                 shard_set: ShardSet, model: SpectralMAE, world_size: int, device: torch.device,
+                 ds_cfg: dict) -> dict:
+    m = model.cfg
+    enc, dec = model.encoder_parameters(), model.decoder_parameters()
+    derived = {
+        "event": "stage_start", "stage": stage.name, "stage_index": index,
+        "dataset": f"{shard_set.dataset}/{shard_set.split}", "shards": len(shard_set.shards),
+        "dataset_samples": shard_set.num_samples, "img_size": m.img_size,
+        "world_size": world_size, "device": str(device),
+        "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
+        "effective_batch": plan.global_batch, "blr": stage.blr, "lr": plan.peak_lr,
+        "steps": plan.steps, "warmup_steps": plan.warmup_steps, "samples": plan.steps *
+        plan.global_batch, "tokens_per_sample": m.num_tokens, "visible_per_sample": m.num_visible,
+        "tokens_per_step": m.num_tokens * plan.global_batch,
+        "encoder_tokens_per_step": m.num_visible * plan.global_batch,
+        "params_encoder": enc, "params_decoder": dec, "params_total": enc + dec,
+        "zero_stage": ds_cfg.get("zero_optimization", {}).get("stage", 0),
+        "bf16": run.bf16, "normalisation": run.normalisation,
+    }
+    logger.info(
+        "stage %d '%s': %s (%d shards, %d samples) at %d px | world size %d on %s | micro-batch "
+        "%d x accumulation %d x %d processes = effective batch %d | lr = blr %.3g x %d / 256 = "
+        "%.4g, warm-up %d of %d steps (%d samples) | tokens per step %d (%d per sample, %d seen "
+        "by the encoder) | parameters: encoder %.2f M, decoder %.2f M, total %.2f M | ZeRO-%s, "
+        "bf16 %s", index + 1, stage.name, derived["dataset"], len(shard_set.shards),
+        shard_set.num_samples, m.img_size, world_size, device, plan.micro_batch,
+        plan.accumulation, world_size, plan.global_batch, stage.blr, plan.global_batch,
+        plan.peak_lr, plan.warmup_steps, plan.steps, derived["samples"],
+        derived["tokens_per_step"], m.num_tokens, m.num_visible, enc / 1e6, dec / 1e6,
+        (enc + dec) / 1e6, derived["zero_stage"], run.bf16)
+    return derived
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _check_resume_config(run: RunConfig, saved: dict) -> None:
+    current = run.to_dict()
+    for key in ("model", "stages"):
+        if key == "stages":
+            names = [s["name"] for s in saved["stages"]]
+            if names != [s["name"] for s in current["stages"]]:
+                raise ConfigError(f"--resume: the checkpoint's stages {names} differ from the "
+                                  f"config's; resume with the config the run started with")
+        elif saved[key] != current[key]:
+            raise ConfigError("--resume: the model section differs from the checkpoint's; "
+                              "resume with the config the run started with")
+
+
+def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> int:
+    """Run all (remaining) stages. Returns the exit code."""
+    import deepspeed
+
+    rank, world_size, local_rank = _init_distributed()
+    device = _device(local_rank)
+    run_dir = run.run_dir
+    ckpt_dir = run_dir / "checkpoints"
+
+    resume_state: TrainerState | None = None
+    resume_tag = ""
+    if resume is not None:
+        ckpt_dir_found, resume_tag = checkpoint.resolve(Path(resume) if resume else run_dir)
+        resume_state = checkpoint.read_state(ckpt_dir_found, resume_tag)
+        _check_resume_config(run, resume_state.config)
+        if ckpt_dir_found.resolve() != ckpt_dir.resolve():
+            ckpt_dir = ckpt_dir_found
+            run_dir = ckpt_dir.parent
+    elif (ckpt_dir / checkpoint.LATEST).is_file():
+        raise CheckpointError(f"'{run_dir}' already holds checkpoints: pass --resume to "
+                              f"continue it, or set name/output_dir for a new run")
+
+    if rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(run))
+        handler = logging.FileHandler(run_dir / "train.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logging.getLogger().addHandler(handler)
+    metrics = report.MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
+    if resume_state is not None:
+        logger.info("resuming %s: stage '%s' step %d/%d, run step %d (saved with %d "
+                    "processes, now %d)", ckpt_dir / resume_tag, resume_state.stage_name,
+                    resume_state.step_in_stage, resume_state.stage_steps,
+                    resume_state.global_step, resume_state.world_size, world_size)
+
+    plans = [plan_stage(run, s, ss, world_size) for s, ss in zip(run.stages, shard_sets)]
+    start_stage = resume_state.stage_index if resume_state else 0
+    global_step = resume_state.global_step if resume_state else 0
+    samples_seen = resume_state.samples_seen if resume_state else 0
+    weights: dict[str, torch.Tensor] | None = None
+    for index in range(start_stage, len(run.stages)):
+        stage, shard_set, plan = run.stages[index], shard_sets[index], plans[index]
+        resume_here = resume_state is not None and index == start_stage
+        torch.manual_seed(run.seed + index)
+        model = SpectralMAE(run.model_for(stage))
+        if weights is not None:
+            model.load_state_dict(adapt_state_dict(weights, model, stage.pos_embed))
+            logger.info("stage '%s' starts from stage '%s' weights (spatial position tables: "
+                        "%s)", stage.name, run.stages[index - 1].name, stage.pos_embed)
+        checkpoint.mark_universal(model)
+        universal = resume_here and resume_state.world_size != world_size  # type: ignore[union-attr]
+        ds_cfg = deepspeed_config(run, plan, load_universal=universal)
+        optimizer = torch.optim.AdamW(param_groups(model, run.weight_decay, run.decay_pos_embed),
+                                      lr=0.0, betas=run.betas)
+        derived = _log_derived(run, stage, index, plan, shard_set, model, world_size, device,
+                               ds_cfg) if rank == 0 else {}
+        engine, *_ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
+                                          config=ds_cfg)
+        num_workers = max(run.num_workers, 1)
+        if resume_here:
+            assert resume_state is not None
+            tag = checkpoint.universal_tag(ckpt_dir, resume_tag) if universal else resume_tag
+            loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag,
+                                               load_lr_scheduler_states=False)
+            if loaded is None:
+                raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
+            state = dataclasses.replace(resume_state, world_size=world_size)
+            position = DataPosition.from_dict(state.data_position).resumed(world_size,
+                                                                           num_workers)
+        else:
+            state = TrainerState(index, stage.name, 0, plan.steps, global_step, samples_seen,
+                                 world_size, {}, run.to_dict())
+            position = DataPosition.start(world_size, num_workers)
+        if metrics is not None:
+            metrics.write({**derived, "step": state.global_step,
+                           "resumed_at_stage_step": state.step_in_stage if resume_here else None})
+
+        def make_batches(pos: DataPosition, num_batches: int, *, _stage: StageConfig = stage,
+                         _index: int = index, _ss: ShardSet = shard_set,
+                         _mb: int = plan.micro_batch) -> object:
+            stream = ShardStream(_ss, run, _stage, stage_index=_index, rank=rank,
+                                 world_size=world_size, position=pos)
+            loader = make_loader(stream, micro_batch=_mb, num_workers=run.num_workers,
+                                 num_batches=num_batches, pin_memory=device.type == "cuda")
+            return iter(loader)
+
+        ctx = StageContext(
+            engine=engine, run=run, stage=stage, model_cfg=model.cfg,
+            schedule=Schedule(plan.peak_lr, stage.min_lr, plan.warmup_steps, plan.steps),
+            state=state, position=position, make_batches=make_batches,
+            accumulation=plan.accumulation, micro_batch=plan.micro_batch,
+            global_batch=plan.global_batch, rank=rank, world_size=world_size, device=device,
+            dtype=torch.bfloat16 if run.bf16 else torch.float32, run_dir=run_dir,
+            bands=shard_set.bands,
+            run_steps_left=sum(p.steps for p in plans[index:]) - state.step_in_stage)
+        result = train_stage(ctx)
+        if rank == 0:
+            report.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+        if result.stopped:
+            return 0
+        global_step, samples_seen = result.state.global_step, result.state.samples_seen
+        if index + 1 < len(run.stages):
+            weights = checkpoint.full_fp32_state_dict(engine)
+        engine.destroy()
+        del engine, model, optimizer
+        gc.collect()
+    if rank == 0:
+        logger.info("done: %d steps; metrics %s, checkpoints %s, images %s, loss curve %s",
+                    global_step, run_dir / "metrics.jsonl", ckpt_dir, run_dir / "images",
+                    run_dir / "loss_curve.png")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns the exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    _setup_logging(rank)
+    try:
+        run = load_config(args.config, args.overrides)
+        # Check every stage's data before starting processes' collectives: errors stay one line.
+        shard_sets = [read_shard_set(run.manifest, s.dataset, s.split, run.model_for(s))
+                      for s in run.stages]
+        run.deepspeed_config_path()
+        return pretrain(run, shard_sets, args.resume)
+    except TrainingError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        return 1 if isinstance(exc, NonFiniteLossError) else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
