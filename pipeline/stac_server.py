@@ -153,6 +153,7 @@ def _bind(host: str, port: int) -> tuple[socket.socket, str]:
 
 def serve_forever(catalog_json: Path, host: str = "127.0.0.1", port: int = 0) -> None:
     """Serve `catalog_json` on `host:port` until SIGINT/SIGTERM (blocking; the server process body)."""
+    _check_catalog(catalog_json)  # fail fast, before the slow FastAPI imports
     import uvicorn
 
     app = build_app(catalog_json)
