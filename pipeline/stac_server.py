@@ -23,8 +23,12 @@ Design choices:
 - **Asset hrefs stay local files.** stac-fastapi-static rewrites every local href into a URL
   of its own static-file mount (`core_client.resolve`), which would make every pixel read
   go through this HTTP server and die with it. In the server process we keep its rewriting
-  for links (clients must walk the API) but restore asset hrefs to absolute file paths,
-  which GDAL/rasterio open directly and which stay valid after the server stops.
+  for links (clients must walk the API) but return asset hrefs as `file://` + the absolute
+  path, which GDAL/rasterio open directly and which stay valid after the server stops.
+  Not a bare path: pystac resolves a scheme-less href against the item's `self` link, so
+  `/a/b.tif` under `http://127.0.0.1:PORT/...` would turn back into an HTTP URL. The path
+  is not percent-encoded because rasterio does not decode `file://` URLs (a path with a
+  space stays openable; one with `?` or `#` is not supported).
 """
 
 from __future__ import annotations
@@ -80,9 +84,13 @@ def _check_catalog(catalog_json: Path) -> Path:
 # Server process side
 
 
-def _file_href_to_path(href: str) -> str:
-    """`file:///a/b%20c.tif` or `/a/b.tif` -> `/a/b c.tif` (an absolute local path)."""
-    return urllib.request.url2pathname(urlparse(href).path)
+def local_asset_href(href: str) -> str:
+    """`file:///a/b%20c.tif` or `/a/b c.tif` -> `file:///a/b c.tif`, the form rasterio and pystac both keep.
+
+    See the module docstring for why not a bare path and why not percent-encoded.
+    """
+    path = urllib.request.url2pathname(urlparse(href).path)
+    return "file://" + Path(path).as_posix()
 
 
 def _keep_local_asset_hrefs() -> None:
@@ -90,7 +98,7 @@ def _keep_local_asset_hrefs() -> None:
 
     Wraps `stac_fastapi.static.api.core_client.resolve` through its own `pre_resolve` hook:
     the hook records each asset's local href before the library rewrites it, and the wrapper
-    puts the absolute path back afterwards. Remote hrefs (https://, s3://) are untouched.
+    puts it back afterwards as a `file://` URL of the absolute path. Remote hrefs (https://, s3://) are untouched.
     Installed only in the server process.
     """
     from stac_fastapi.static.api import core_client
@@ -108,7 +116,7 @@ def _keep_local_asset_hrefs() -> None:
                 pre_resolve(obj)
             for key, asset in (getattr(obj, "assets", None) or {}).items():
                 if is_file_uri(asset.href):
-                    saved[key] = _file_href_to_path(asset.href)
+                    saved[key] = local_asset_href(asset.href)
 
         obj = original(result, pre_resolve=hook, **kwargs)
         for key, path in saved.items():
@@ -207,7 +215,8 @@ def serve_static_catalog(
 
     Yields:
         The API root URL, e.g. ``http://127.0.0.1:41234/``. Items returned by its search have
-        asset hrefs that are absolute local file paths (see module docstring).
+        asset hrefs ``file:///absolute/path.tif`` that rasterio opens as they are (see the
+        module docstring); remote hrefs (https://, s3://) are passed through.
 
     Raises:
         StacServerError: the catalog file is missing or not STAC, or the server did not come
