@@ -28,6 +28,7 @@ import argparse
 import datetime as dt
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -182,8 +183,6 @@ def write_json(path: Path, obj: Mapping[str, Any]) -> None:
 
 def _rel(frm: Path, to: Path) -> str:
     """Relative href from the folder of `frm` to `to`, always starting with './' or '../'."""
-    import os
-
     r = os.path.relpath(to, frm.parent).replace(os.sep, "/")
     return r if r.startswith("../") else f"./{r}"
 
