@@ -362,7 +362,7 @@ def adapt_state_dict(
     """Make a state dict from a model at another image size fit ``model``.
 
     Spatial position tables whose length differs are bicubically interpolated, or replaced
-    by the target model's fresh (trunc-normal) tables for ``reinit`` (official behaviour).
+    by freshly drawn trunc-normal(0.02) tables for ``reinit`` (the official behaviour).
     Everything else must already have the target shape.
     """
     own = model.state_dict()
@@ -371,8 +371,8 @@ def adapt_state_dict(
         if name in out and name in own and out[name].shape != own[name].shape:
             if spatial_pos == "interpolate":
                 out[name] = interpolate_spatial_table(out[name], model.cfg.grid_size)
-            else:
-                out[name] = own[name].detach().clone()
+            else:  # fresh trunc-normal(0.02), as the model's own initialisation
+                out[name] = nn.init.trunc_normal_(torch.empty_like(own[name]), std=0.02)
     return out
 
 

@@ -1,0 +1,122 @@
+"""Export a checkpoint to plain fp32 weights plus the model config.
+
+Usage::
+
+    python -m training.export runs/tiny_cpu                       # latest checkpoint
+    python -m training.export runs/tiny_cpu/checkpoints/global_step200 --format pt
+    python -m training.export runs/base_gpu --out weights/spectralgpt_base.safetensors
+
+Writes ``<out>`` (``.safetensors`` by default, or a ``.pt`` holding only tensors and plain
+data so ``torch.load(..., weights_only=True)`` reads it) and ``<out stem>.json`` with the
+:class:`~training.config.ModelConfig`, the stage, the step and the source checkpoint.
+The state-dict keys are the official SpectralGPT ones (``SpectralGPT+.pth`` layout), so
+the file also loads into the official ``models_mae_spectral.py`` model.
+
+Works for ZeRO-1/2/3 checkpoints from any number of processes (DeepSpeed's
+``zero_to_fp32`` consolidation; the fp32 master weights, not the bf16 copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import checkpoint
+from training.config import ModelConfig, config_from_dict
+from training.errors import TrainingError
+from training.models.spectral_mae import SpectralMAE
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMAT = "spectralgpt-mae-weights/1"
+
+
+def export(source: str | Path, out: str | Path | None = None, fmt: str = "safetensors") -> Path:
+    """Export the checkpoint at ``source`` (run dir, checkpoints dir or tag dir); return ``out``.
+
+    Raises:
+        CheckpointError: no complete checkpoint at ``source``.
+    """
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    ckpt_dir, tag = checkpoint.resolve(Path(source))
+    state = checkpoint.read_state(ckpt_dir, tag)
+    run = config_from_dict(state.config)
+    stage = run.stages[state.stage_index]
+    model_cfg = run.model_for(stage)
+    weights = checkpoint.fp32_state_dict_from_checkpoint(ckpt_dir, tag)
+    # Strict load proves the file is a complete model of this config before we write it.
+    SpectralMAE(model_cfg).load_state_dict(weights, strict=True)
+
+    if out is None:
+        suffix = ".safetensors" if fmt == "safetensors" else ".pt"
+        out = ckpt_dir.parent / "export" / f"spectral_mae_{run.model_preset}_{stage.name}_{tag}{suffix}"
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    info: dict[str, Any] = {
+        "format": EXPORT_FORMAT, "model": asdict(model_cfg), "preset": run.model_preset,
+        "stage": stage.name, "global_step": state.global_step,
+        "samples_seen": state.samples_seen, "source": str((ckpt_dir / tag).resolve()),
+        "bands_order": "B01 B02 B03 B04 B05 B06 B07 B08 B8A B09 B11 B12",
+        "normalisation": run.normalisation,
+    }
+    tmp = out.with_name(f".{out.name}.tmp")
+    if fmt == "safetensors":
+        from safetensors.torch import save_file
+
+        save_file(weights, str(tmp), metadata={"spectralgpt": json.dumps(info)})
+    elif fmt == "pt":
+        torch.save({"model": weights, "config": info}, tmp)
+    else:
+        raise ValueError(f"unknown format {fmt!r} (safetensors or pt)")
+    os.replace(tmp, out)
+    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    logger.info("exported %s (%s, step %d, %d tensors) -> %s", ckpt_dir / tag, stage.name,
+                state.global_step, len(weights), out)
+    return out
+
+
+def load_exported(path: str | Path) -> SpectralMAE:
+    """Rebuild the model from an exported file (``.safetensors`` or ``.pt``) and its JSON."""
+    path = Path(path)
+    info = json.loads(path.with_suffix(".json").read_text())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+    else:
+        weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+    model = SpectralMAE(ModelConfig(**info["model"]))
+    model.load_state_dict(weights, strict=True)
+    return model
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("source", help="run dir, its checkpoints/ dir, or a global_stepN dir")
+    parser.add_argument("--out", default=None, help="output file (default: <run>/export/...)")
+    parser.add_argument("--format", choices=("safetensors", "pt"), default="safetensors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    try:
+        out = export(args.source, args.out, args.format)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
