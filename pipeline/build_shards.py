@@ -47,8 +47,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _glue_negative_bbox(argv: list[str]) -> list[str]:
+    """`--bbox -7.5,52,-6,53` starts with '-', which argparse takes for an option: glue it."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a == "--bbox":
+            nxt = next(it, None)
+            out.append(f"--bbox={nxt}" if nxt is not None else a)
+        else:
+            out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_glue_negative_bbox(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

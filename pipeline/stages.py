@@ -163,6 +163,7 @@ def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -
     if man is not None:
         if man.get("config_hash") == config_hash and man.get("scenes_hash") == s_hash and not overwrite:
             log.info("%s is up to date (same config and scenes): nothing to do", out / "manifest.json")
+            shutil.rmtree(out / "_work", ignore_errors=True)  # killed after publishing, before clean-up
             summary.up_to_date = True
             summary.chips = man.get("summary", {}).get("chips", {})
             return summary

@@ -1,0 +1,37 @@
+# Two commands on a fresh machine (README "Quick start"):
+#   make run    set up .venv, build the sample dataset offline, pretrain the tiny model through both stages
+#   make test   set up .venv (+ headless Chromium for the report test), run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export DS_ACCELERATOR ?= cpu
+
+.PHONY: setup run build train test test-fast bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+build: setup
+	$(PY) -m pipeline.build_shards --aoi europe
+
+train: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 1 training/pretrain.py
+
+run: build train
+
+test: setup
+	bash scripts/install_chromium.sh
+	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not slow"
+
+bench: setup
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf datasets runs
