@@ -45,7 +45,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -369,7 +369,9 @@ def _short(meta: dict[str, Any], key: str) -> tuple[str, str]:
     return f"{meta.get('tile') or parts[0].split('_')[0]} {date}".strip(), "_".join(parts[-2:])
 
 
-def plot_contact_sheet(scan: Scan, man: dict[str, Any], path: Path, *, per_split: int, gamma: float = 1.0) -> Any:
+def plot_contact_sheet(
+    scan: Scan, man: dict[str, Any], path: Path | BinaryIO, *, per_split: int, gamma: float = 1.0
+) -> Any:
     """Contact sheet PNG: per (dataset, split) a true-colour row and a false-colour row.
 
     Chips are pasted at their native pixel size (upsampled by an integer factor, nearest
@@ -404,7 +406,8 @@ def plot_contact_sheet(scan: Scan, man: dict[str, Any], path: Path, *, per_split
         y0 = top + r * row_h + title
         t_steps = int(d.get("time_steps") or 1)
         note = f"\n(first of {t_steps} dates)" if t_steps > 1 else ""
-        labels.append((left - 10, y0 + cell / 2, f"{ds}\n{split} \u00b7 {label}{note}", {"ha": "right", "va": "center", "fontsize": 8}))
+        labels.append((left - 10, y0 + cell / 2, f"{ds}\n{split} \u00b7 {label}{note}",
+                       {"ha": "right", "va": "center", "fontsize": 8}))
         if bands is None:
             continue
         idx = [bi[b] for b in bands]
@@ -461,7 +464,7 @@ def plot_histograms(scan: Scan, man: dict[str, Any], ds: str, path: Path) -> Any
         hi_candidates = [top * bin_w]
         if pct.get("p99") and b < len(pct["p99"]):
             hi_candidates.append(float(pct["p99"][b]) * scale * 1.15)
-        xmax = max(hi_candidates + [0.05])
+        xmax = max([*hi_candidates, 0.05])
         nb = max(1, int(math.ceil(xmax / bin_w)))
         factor = max(1, nb // 70)  # ~70 display bins
         for k, s in enumerate(splits):
@@ -557,10 +560,15 @@ def plot_footprints(scan: Scan, man: dict[str, Any], path: Path, *, max_tiles: i
     gs = fig.add_gridspec(1 + nrow_tiles, ncol, height_ratios=[6.2] + [2.7] * nrow_tiles)
     ax = fig.add_subplot(gs[0, :])
 
-    def draw(ax: Any, select_tile: str | None, points: bool) -> list[float]:
+    def draw(ax: Any, select_tile: str | None, points: bool | None) -> list[float]:
+        """Rectangles (and centre points: True, False, or None = when chips are tiny in the view)."""
         xs: list[float] = []
         ys: list[float] = []
-        for (ds, s), boxes in scan.bboxes.items():
+        def extent_m(item: Any) -> float:
+            d = man["datasets"].get(item[0][0], {})
+            return -float(d.get("chip_size") or 0) * float(d.get("gsd") or 1)
+
+        for (ds, s), boxes in sorted(scan.bboxes.items(), key=extent_m):  # large chips first, small on top
             if select_tile is not None:
                 boxes = [b for b, t in zip(boxes, scan.tiles[(ds, s)]) if t == select_tile]
             if not boxes:
@@ -569,8 +577,15 @@ def plot_footprints(scan: Scan, man: dict[str, Any], path: Path, *, max_tiles: i
             polys = [[(w, so), (e, so), (e, n), (w, n)] for w, so, e, n in arr]
             ax.add_collection(PolyCollection(polys, facecolor=colour[s], edgecolor=colour[s], alpha=0.35, lw=0.6))
             cx, cy = (arr[:, 0] + arr[:, 2]) / 2, (arr[:, 1] + arr[:, 3]) / 2
+            if points is None and select_tile is not None:
+                all_boxes = np.asarray([b for bs, ts in zip(scan.bboxes.values(), scan.tiles.values())
+                                        for b, t in zip(bs, ts) if t == select_tile])
+                view = max(np.ptp(all_boxes[:, [0, 2]]), np.ptp(all_boxes[:, [1, 3]]))
+                chip = float(np.max(arr[:, 2] - arr[:, 0]))
+                points = chip < 0.05 * view
             if points:
-                ax.scatter(cx, cy, s=22, marker=marker.get(ds, "o"), facecolor=colour[s], edgecolor="black", lw=0.4, zorder=3)
+                ax.scatter(cx, cy, s=22, marker=marker.get(ds, "o"), facecolor=colour[s], edgecolor="black",
+                           lw=0.4, zorder=3)
             xs += [float(arr[:, 0].min()), float(arr[:, 2].max())]
             ys += [float(arr[:, 1].min()), float(arr[:, 3].max())]
         return [min(xs), min(ys), max(xs), max(ys)] if xs else []
@@ -591,12 +606,13 @@ def plot_footprints(scan: Scan, man: dict[str, Any], path: Path, *, max_tiles: i
     ax.set_title(f"chip footprints over {aoi_label} (centres marked; rectangles to scale)", fontsize=10)
     handles = [Line2D([], [], color="#444444", lw=1.2, label=aoi_label)]
     handles += [Line2D([], [], ls="", marker="s", markersize=8, color=colour[s], alpha=0.7, label=s) for s in splits]
-    handles += [Line2D([], [], ls="", marker=marker[ds], markersize=6, mfc="white", mec="black", label=ds) for ds in datasets]
-    ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.9)
+    handles += [Line2D([], [], ls="", marker=marker[ds], markersize=6, mfc="white", mec="black", label=ds)
+                for ds in datasets]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, frameon=False)
     ax.tick_params(labelsize=8)
     for i, t in enumerate(tiles):
         tax = fig.add_subplot(gs[1 + i // ncol, i % ncol])
-        e = draw(tax, t, points=False)
+        e = draw(tax, t, points=None)
         if e:
             pad = 0.08 * max(e[2] - e[0], e[3] - e[1], 1e-4)
             tax.set_xlim(e[0] - pad, e[2] + pad)
@@ -613,7 +629,7 @@ def plot_footprints(scan: Scan, man: dict[str, Any], path: Path, *, max_tiles: i
 
 def plot_quality(scan: Scan, man: dict[str, Any], path: Path) -> Any:
     """Histograms (log counts) of each quality fraction per (dataset, split); nulls counted as unknown."""
-    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     from pipeline.report_html import PALETTE, new_figure, save_png
 
@@ -639,7 +655,7 @@ def plot_quality(scan: Scan, man: dict[str, Any], path: Path) -> Any:
                           ls=styles[dsets.index(ds) % len(styles)], lw=1.4, label=f"{ds} {s}")
         ax.set_yscale("log")
         ax.set_ylim(0.7, max(2.0, ymax * 1.6))
-        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
         ax.yaxis.set_minor_formatter(NullFormatter())
         ax.set_xlim(0, 1)
         ax.set_title(f"{key} fraction", fontsize=9)
@@ -717,7 +733,8 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
             sp = d["splits"][s]
             shards = sp.get("shards", [])
             rows.append([ds, d.get("chip_size"), d.get("gsd"), d.get("time_steps"), d.get("layout"), s, len(shards),
-                         int(sp.get("num_samples") or 0), Cell(esc(fmt_bytes(sum(int(h.get("bytes") or 0) for h in shards))), True)])
+                         int(sp.get("num_samples") or 0),
+                         Cell(esc(fmt_bytes(sum(int(h.get("bytes") or 0) for h in shards))), True)])
     rows.append([Cell("<strong>total</strong>"), "", "", "", "", "", n_shards, Cell(f"<strong>{n_chips}</strong>", True),
                  Cell(esc(fmt_bytes(n_bytes)), True)])
     cfg = man.get("config") or {}
@@ -789,9 +806,9 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
         for b, bn in enumerate(bands):
             def at(lst: Any, b: int = b) -> Any:
                 return lst[b] if isinstance(lst, list) and b < len(lst) else None
-            srows.append([bn, at(stats.get("count")), _fmt_refl(at(stats.get("mean")), scale), _fmt_refl(at(stats.get("std")), scale),
-                          _fmt_refl(at(stats.get("min")), scale)] + [_fmt_refl(at(pct[k]), scale) for k in pkeys]
-                         + [_fmt_refl(at(stats.get("max")), scale)])
+            refl = [_fmt_refl(at(stats.get(k)), scale) for k in ("mean", "std", "min")]
+            refl += [_fmt_refl(at(pct[k]), scale) for k in pkeys]
+            srows.append([bn, at(stats.get("count")), *refl, _fmt_refl(at(stats.get("max")), scale)])
         blocks.append(table(["band", "valid px", "mean", "std", "min", *pkeys, "max"], srows,
                             caption=f"{ds}: stored statistics of the train split, reflectance",
                             numeric=tuple(range(1, 6 + len(pkeys)))))
@@ -888,7 +905,7 @@ def build_report(
     import matplotlib
 
     matplotlib.use("Agg")
-    from pipeline.report_html import atomic_dir, write_file_atomic
+    from pipeline.report_html import write_file_atomic
 
     if per_split < 1:
         raise ReportError(f"--per-split {per_split}: must be >= 1")
@@ -903,13 +920,12 @@ def build_report(
         if target.exists() and target.is_dir():
             raise ReportError(f"--out {target} is a directory")
         scan = scan_dataset(root, man, per_split=per_split, seed=seed, pixels=False)
-        buf = target.parent / f".{target.name}.render.png"
+        buf = io.BytesIO()
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
             plot_contact_sheet(scan, man, buf, per_split=per_split, gamma=gamma)
-            write_file_atomic(target, buf.read_bytes())
-        finally:
-            buf.unlink(missing_ok=True)
+            write_file_atomic(target, buf.getvalue())
+        except OSError as e:
+            raise ReportError(f"cannot write {target}: {e.strerror or e}") from None
         log.info("wrote %s", target)
         return target
     if out.exists() and not out.is_dir():
@@ -917,6 +933,17 @@ def build_report(
     if out.exists() and any(out.iterdir()) and not ((out / "index.html").exists() or (out / SHEET_NAME).exists()):
         raise ReportError(f"--out {out} exists and is not a report: choose another directory")
     scan = scan_dataset(root, man, per_split=per_split, seed=seed, pixels=True)
+    try:
+        _write_report(scan, man, mpath, out, per_split=per_split, gamma=gamma)
+    except OSError as e:
+        raise ReportError(f"cannot write the report to {out}: {e.strerror or e}") from None
+    log.info("wrote %s (%d chips in the dataset)", out / "index.html", total_chips(man))
+    return out / "index.html"
+
+
+def _write_report(scan: Scan, man: dict[str, Any], mpath: Path, out: Path, *, per_split: int, gamma: float) -> None:
+    from pipeline.report_html import atomic_dir
+
     with atomic_dir(out, markers=("index.html", SHEET_NAME)) as tmp:
         pngs: dict[str, Any] = {"sheet": plot_contact_sheet(scan, man, tmp / SHEET_NAME, per_split=per_split, gamma=gamma)}
         pngs["hist"] = {}
@@ -926,8 +953,6 @@ def build_report(
         pngs["map"] = plot_footprints(scan, man, tmp / "footprints.png")
         pngs["quality"] = plot_quality(scan, man, tmp / "quality.png")
         (tmp / "index.html").write_text(render_page(scan, man, mpath, out, pngs), encoding="utf-8")
-    log.info("wrote %s (%d chips in the dataset)", out / "index.html", total_chips(man))
-    return out / "index.html"
 
 
 def parser() -> argparse.ArgumentParser:

@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -78,7 +78,8 @@ dl.kv dt { color: var(--muted); }
 dl.kv dd { margin: 0; overflow-wrap: anywhere; }
 .warn { border-left: 4px solid #D55E00; background: #fff4ec; padding: 0.4rem 0.8rem; margin: 0.6rem 0; }
 details summary { cursor: pointer; color: var(--accent); }
-footer.page { margin-top: 2rem; padding: 0.8rem 2rem; border-top: 1px solid var(--line); color: var(--muted); font-size: 0.85rem; }
+footer.page { margin-top: 2rem; padding: 0.8rem 2rem; border-top: 1px solid var(--line); color: var(--muted);
+              font-size: 0.85rem; }
 @media (max-width: 700px) { main, header.page, nav.toc, footer.page { padding-left: 0.8rem; padding-right: 0.8rem; } }
 @page { size: A4; margin: 12mm; }
 @media print {
@@ -216,23 +217,29 @@ def new_figure(width_in: float, height_in: float, *, dpi: int = 100, layout: str
     return fig
 
 
-def save_png(fig: Figure, path: Path, *, dpi: int | None = None) -> Png:
-    """Save `fig` as PNG at `path` and return its name and pixel size for `figure_html`.
+def save_png(fig: Figure, target: Path | BinaryIO, *, dpi: int | None = None) -> Png:
+    """Save `fig` as PNG to a path or binary file object; return its name and pixel size.
 
-    Sizes are read back from the file (constrained layout and bbox cropping change them).
+    Sizes are read back from the PNG header (constrained layout changes them). A file
+    object gets the name `""`.
     """
-    fig.savefig(path, format="png", dpi=dpi or fig.dpi, facecolor="white", metadata={"Software": None})
+    fig.savefig(target, format="png", dpi=dpi or fig.dpi, facecolor="white", metadata={"Software": None})
     fig.clear()
-    return png_info(path)
+    if isinstance(target, (str, Path)):
+        return png_info(Path(target))
+    return _png_from_header("", target.getvalue()[:24] if hasattr(target, "getvalue") else b"")
 
 
 def png_info(path: Path) -> Png:
     """Name and pixel size of an existing PNG (read from its IHDR chunk)."""
     with open(path, "rb") as f:
-        head = f.read(24)
+        return _png_from_header(path.name, f.read(24))
+
+
+def _png_from_header(name: str, head: bytes) -> Png:
     if head[:8] != b"\x89PNG\r\n\x1a\n":
-        raise ValueError(f"{path} is not a PNG file")
-    return Png(path.name, int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
+        raise ValueError(f"{name or 'data'} is not a PNG file")
+    return Png(name, int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big"))
 
 
 def figure_html(png: Png, *, alt: str, caption: str | None = None, max_css_width: int | None = None) -> str:

@@ -71,7 +71,9 @@ def _chip(rng: np.random.Generator, size: int) -> tuple[np.ndarray, dict[str, fl
     veg, soil, water = (_smooth_field(rng, size) ** 2 for _ in range(3))
     water = np.where(water > 0.5, water * 3, 0.0)
     cloud_amount = rng.choice([0.0] * 8 + [0.15, 0.35])
-    cloud = np.clip(_smooth_field(rng, size, 3) - (1 - cloud_amount), 0, None) * 4 if cloud_amount else np.zeros((size, size))
+    cloud = np.zeros((size, size))
+    if cloud_amount:
+        cloud = np.clip(_smooth_field(rng, size, 3) - (1 - cloud_amount), 0, None) * 4
     total = veg + soil + water + 1e-6
     ab = np.stack([veg / total, soil / total, water / total])  # [3, H, W]
     refl = np.einsum("khw,kc->chw", ab, ENDMEMBERS[:3])
@@ -195,7 +197,8 @@ def write_synthetic_dataset(
                             "layout": "CHW" if t_steps == 1 else "TCHW", "shape": list(data.shape),
                             "value_scale": 0.0001, "nodata": 0, "scene_ids": ids,
                             "datetimes": [f"{s[1]}T11:06:21Z" for s in sc], "tile": tile,
-                            "crs": "EPSG:32629", "transform": [10.0, 0.0, 600000.0 + col * 10, 0.0, -10.0, 5800000.0 - row * 10],
+                            "crs": "EPSG:32629",
+                            "transform": [10.0, 0.0, 600000.0 + col * 10, 0.0, -10.0, 5800000.0 - row * 10],
                             "gsd": 10.0, "bbox_lonlat": _bbox(lon0, lat0, row, col, size, 10.0),
                             "pixel_offset": [row, col],
                             "harmonisation": [
@@ -230,7 +233,8 @@ def write_synthetic_dataset(
         {
             "id": _scene_id(tile, date, pb), "collection": "sentinel-2-l2a", "datetime": f"{date}T11:06:21Z",
             "tile": tile, "crs": "EPSG:32600", "processing_baseline": pb, "rule": _rule(pb)[0], "scl": scl,
-            "used": (tile, date, lon, lat, pb, scl) in used, "grid": f"{tile}_grid" if (tile, date, lon, lat, pb, scl) in used else None,
+            "used": (tile, date, lon, lat, pb, scl) in used,
+            "grid": f"{tile}_grid" if (tile, date, lon, lat, pb, scl) in used else None,
         }
         for tile, date, lon, lat, pb, scl in SCENES
     ]

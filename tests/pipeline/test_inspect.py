@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -193,7 +193,7 @@ def _chromium() -> str | None:
 class DevTools:
     """Minimal Chrome DevTools protocol client over `--remote-debugging-pipe` (fd 3 in, fd 4 out)."""
 
-    FLAGS = [
+    FLAGS: ClassVar[list[str]] = [
         "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         "--disable-extensions", "--hide-scrollbars", "--mute-audio", "--remote-debugging-pipe",
