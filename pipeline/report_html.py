@@ -94,7 +94,7 @@ footer.page { margin-top: 2rem; padding: 0.8rem 2rem; border-top: 1px solid var(
   section.pagebreak { break-before: page; }
   .scroll { overflow: visible; }
   tbody tr:nth-child(even) { background: none; }
-  details > *:not(summary) { display: block; }
+  details summary { color: inherit; }  /* collapsed details (chip keys, config) stay collapsed on paper */
 }
 """
 
