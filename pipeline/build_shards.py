@@ -32,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--bbox", help="W,S,E,N in degrees (overrides --aoi)")
     g.add_argument("--catalog", help="source name in catalogs/sources.yaml, a STAC API URL, or a static catalog.json "
                    "(default: the embedded sample catalog)")
-    g.add_argument("--collection", help="collection id (default: the source's L2A collection)")
+    g.add_argument("--collection", help="collection id, or several separated by commas (default: the source's L2A collection)")
     g.add_argument("--start", help="first date, ISO (inclusive)")
     g.add_argument("--end", help="last date, ISO (inclusive)")
     g.add_argument("--max-cloud", type=float, dest="max_cloud", help="max scene eo:cloud_cover in percent (default 30)")

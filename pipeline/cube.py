@@ -72,8 +72,10 @@ class Unit:
 
 
 def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, str]]]:
-    """Group scenes by grid. Same grid + same datetime = a reprocessed duplicate: keep the
-    newest processing baseline, reject the other (so no location/date appears twice)."""
+    """Group scenes by grid. Same grid + same datetime = the same acquisition twice (a
+    reprocessed item, or one scene in two collections): keep the newest processing baseline
+    (the first in (datetime, id) order on a tie) and reject the other, so no location and
+    date appears twice."""
     by_grid: dict[tuple[Any, ...], dict[str, Scene]] = {}
     dropped: list[tuple[Scene, str]] = []
     for s in sorted(scenes, key=lambda s: (s.datetime, s.id)):
@@ -87,7 +89,9 @@ def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, 
         old_pb = prev.harmonisation.processing_baseline or ""
         keep, drop = (s, prev) if new_pb > old_pb else (prev, s)
         slot[s.datetime] = keep
-        dropped.append((drop, f"superseded by reprocessed item {keep.id}"))
+        why = "superseded by a reprocessed item (newer baseline)" if new_pb != old_pb else "duplicate acquisition (same grid and datetime)"
+        log.debug("%s: %s %s", drop.id, why, keep.id)
+        dropped.append((drop, why))
     units = []
     for (epsg, shape, transform), slot in by_grid.items():
         ss = tuple(sorted(slot.values(), key=lambda s: (s.datetime, s.id)))

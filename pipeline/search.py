@@ -159,13 +159,13 @@ def search(cfg: BuildConfig, cat: ResolvedCatalog) -> SearchResult:
     if not client.conforms_to("ITEM_SEARCH"):
         raise CatalogError(f"{cat.label!r} ({cat.url}) is not a STAC API with item search (no /search conformance)")
     kwargs: dict[str, Any] = dict(
-        collections=[cat.collection],
+        collections=[c.strip() for c in cat.collection.split(",") if c.strip()],
         bbox=list(aoi_shape.bounds),
         datetime=_datetime_range(cfg),
         max_items=cfg.max_items,
         limit=min(cfg.max_items, 500),
     )
-    if client.conforms_to("FILTER"):
+    if cfg.max_cloud < 100 and client.conforms_to("FILTER"):
         # Server-side cloud filter saves transfer on live APIs; the same test runs client-side below.
         kwargs["filter"] = {"op": "<=", "args": [{"property": "eo:cloud_cover"}, cfg.max_cloud]}
         kwargs["filter_lang"] = "cql2-json"

@@ -146,7 +146,7 @@ def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -
         )
     units, dup = group_units(result.scenes)
     for _, reason in dup:
-        summary.rejected[reason.split(" ")[0] + " by reprocessed item"] += 1
+        summary.rejected[reason] += 1
     summary.used = sum(len(u.scenes) for u in units)
     log.info(
         "search: %d items found, %d scenes used on %d grids, %d rejected%s",
