@@ -70,6 +70,7 @@ class Source:
     asset_convention: str
     sign: str
     gdal_env: dict[str, str]
+    token_url: str | None = None  # SAS token endpoint for sign: planetary_computer
 
 
 @functools.cache
@@ -130,6 +131,7 @@ def get_source(name: str) -> Source:
         asset_convention=s["asset_convention"],
         sign=s.get("sign", "none"),
         gdal_env={k: str(v) for k, v in (s.get("gdal_env") or {}).items()},
+        token_url=s.get("token_url"),
     )
 
 

@@ -31,9 +31,11 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig, TilingSpec
-from pipeline.cube import Unit, cube_path, existing_cube, group_units, load_unit, write_cube
+from pipeline.catalogs import Source
+from pipeline.cube import GDAL_CLOUD_ENV, Unit, cube_path, existing_cube, group_units, load_unit, write_cube
 from pipeline.errors import NoScenesFound, OutputError
 from pipeline.search import SearchResult, open_catalog, search
+from pipeline.signing import make_patch_url
 from pipeline.shards import ShardRecord, ShardWriter, stats_from_histogram, write_json_atomic
 from pipeline.tiling import Chip, Dropped, iter_chips, positions, small_scene_shape
 
@@ -136,6 +138,7 @@ def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -
     config_hash = cfg.hash()
     with open_catalog(cfg) as cat:
         result = search(cfg, cat)
+        src = cat.source
     summary.found = result.found
     summary.rejected.update(result.rejected)
     if not result.scenes:
@@ -186,12 +189,13 @@ def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -
             shutil.rmtree(out / spec_dir, ignore_errors=True)
 
     source = {"catalog": result.catalog, "collection": result.collection}
-    _dask_setup(cfg)
+    _dask_setup(cfg, src)
+    patch_url = make_patch_url(src.sign, src.token_url) if src else None
     cube_hashes = {u.id: u.cube_hash(cfg) for u in units}
     for u in tqdm(units, desc="cubes", unit="grid", disable=None):
         path = cube_path(out, u)
         if existing_cube(path, cube_hashes[u.id]) is None:
-            write_cube(load_unit(u, cfg), path, cfg)
+            write_cube(load_unit(u, cfg, patch_url=patch_url), path, cfg)
     _remove_stale_cubes(out, units)
 
     datasets: dict[str, Any] = {}
@@ -205,10 +209,13 @@ def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -
     return summary
 
 
-def _dask_setup(cfg: BuildConfig) -> None:
+def _dask_setup(cfg: BuildConfig, src: Source | None) -> None:
+    """Local threaded Dask and GDAL settings for cloud reads (retries, no directory listing)."""
     import dask
+    import odc.stac
 
     dask.config.set(scheduler="threads", num_workers=cfg.workers or os.cpu_count() or 1)
+    odc.stac.configure_rio(cloud_defaults=True, **GDAL_CLOUD_ENV, **(src.gdal_env if src else {}))
 
 
 def _remove_stale_cubes(out: Path, units: list[Unit]) -> None:
