@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 from pipeline.config import load_config, parse_bbox
 from pipeline.errors import PipelineError
@@ -69,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     for noisy in ("urllib3", "rasterio", "distributed", "uvicorn", "httpx", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # odc-loader warps intermediate numpy buffers that carry no geotransform; harmless noise per read
+    warnings.filterwarnings("ignore", message="Dataset has no geotransform")
     try:
         overrides = {
             "aoi": args.aoi,

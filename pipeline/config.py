@@ -34,6 +34,7 @@ class TilingSpec:
     overlap: int = 0  # pixels shared by neighbouring chips (stride = size - overlap)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "gsd", float(self.gsd))  # 10 and 10.0 are the same dataset (and hash)
         if self.size < 8 or self.size % 8:
             raise ConfigError(f"tiling size {self.size}: must be a positive multiple of 8 (the model's patch size)")
         if self.gsd < 10 or (self.gsd / 10) != int(self.gsd / 10):
@@ -73,6 +74,7 @@ class QualityConfig:
 
     def __post_init__(self) -> None:
         for k, v in dataclasses.asdict(self).items():
+            object.__setattr__(self, k, float(v))
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"quality.{k}={v}: must be a fraction in [0, 1]")
 
@@ -90,6 +92,8 @@ class SplitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "val_fraction", float(self.val_fraction))
+        object.__setattr__(self, "block_m", float(self.block_m))
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"split.val_fraction={self.val_fraction}: must be in [0, 1)")
         if self.block_m <= 0:
@@ -132,6 +136,7 @@ class BuildConfig:
     scheduler: str | None = None  # address of an existing Dask scheduler; None = local
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "max_cloud", float(self.max_cloud))
         if self.bbox is not None:
             _check_bbox(self.bbox)
         elif not self.aoi:
