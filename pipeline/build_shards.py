@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("urllib3", "rasterio", "distributed", "uvicorn", "httpx", "asyncio"):
+    for noisy in ("urllib3", "rasterio", "distributed", "uvicorn", "httpx", "asyncio", "fsspec", "aiobotocore", "botocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # odc-loader warps intermediate numpy buffers that carry no geotransform; harmless noise per read
     warnings.filterwarnings("ignore", message="Dataset has no geotransform")

@@ -195,6 +195,17 @@ class BuildConfig:
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
+    def layout_hash(self) -> str:
+        """Hash of what shapes samples (tiling, quality, split, shards, resampling), not of
+        what is searched: a refresh may search another date range, never re-tile."""
+        d = self.to_dict()
+        for k in ("output", "workers", "scheduler", *_SEARCH_KEYS):
+            d.pop(k)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+_SEARCH_KEYS = ("aoi", "bbox", "catalog", "collection", "start", "end", "max_cloud", "max_items")
+
 
 def _parse_date(s: str, what: str) -> dt.date:
     try:

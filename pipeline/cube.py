@@ -168,8 +168,9 @@ def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Data
     return out
 
 
-def cube_path(output: Path, unit: Unit) -> Path:
-    return output / "cube" / f"{unit.id}.zarr"
+def cube_path(output: Path, unit: Unit, version: int = 1) -> Path:
+    """`<output>/cube/v<NNNN>/<unit>.zarr`: a refresh's new dates on a known grid get their own cube."""
+    return output / "cube" / f"v{version:04d}" / f"{unit.id}.zarr"
 
 
 def existing_cube(path: Path, cube_hash: str) -> xr.Dataset | None:

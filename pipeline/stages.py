@@ -13,6 +13,7 @@ killed at any moment finishes with exactly the dataset an uninterrupted run make
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -21,6 +22,7 @@ import os
 import shutil
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +35,13 @@ from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig, TilingSpec
 from pipeline.catalogs import Source
 from pipeline.cube import GDAL_CLOUD_ENV, Unit, cube_path, existing_cube, group_units, load_unit, write_cube
+from pipeline import storage
 from pipeline.errors import NoScenesFound, OutputError
+from pipeline.locking import dataset_lock
 from pipeline.search import SearchResult, open_catalog, search
 from pipeline.signing import make_patch_url
-from pipeline.shards import ShardRecord, ShardWriter, stats_from_histogram, write_json_atomic
+from pipeline.storage import is_url, staging_dir
+from pipeline.shards import N_BINS, ShardRecord, ShardWriter, stats_from_histogram, write_json_atomic
 from pipeline.tiling import Chip, Dropped, iter_chips, positions, small_scene_shape
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,10 @@ class BuildSummary:
     seconds: float = 0.0
     up_to_date: bool = False
     dry_run: bool = False
+    nothing_new: bool = False
+    version: int = 0
+    bytes_published: int = 0
+    t0: float = field(default_factory=time.monotonic)
 
 
 # -- output checks ------------------------------------------------------------------
@@ -105,14 +114,15 @@ class WorkState:
         self.path = self.dir / "state.json"
         self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
 
-    def matches(self, config_hash: str, scenes_hash: str) -> bool:
-        return self.data.get("config_hash") == config_hash and self.data.get("scenes_hash") == scenes_hash
+    def matches(self, config_hash: str, scenes_hash: str, version: int) -> bool:
+        d = self.data
+        return d.get("config_hash") == config_hash and d.get("scenes_hash") == scenes_hash and d.get("version") == version
 
-    def reset(self, config_hash: str, scenes_hash: str) -> None:
+    def reset(self, config_hash: str, scenes_hash: str, version: int) -> None:
         if self.dir.exists():
             shutil.rmtree(self.dir)
         self.dir.mkdir(parents=True)
-        self.data = {"config_hash": config_hash, "scenes_hash": scenes_hash, "datasets": {}}
+        self.data = {"config_hash": config_hash, "scenes_hash": scenes_hash, "version": version, "datasets": {}}
         self.save()
 
     def save(self) -> None:
@@ -122,20 +132,32 @@ class WorkState:
         return self.dir / "hist" / f"{shard_path.replace('/', '__')}.npy"
 
 
-def scenes_hash(units: list[Unit]) -> str:
-    ids = [[u.id, [s.id for s in u.scenes]] for u in units]
-    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+def scenes_hash(units: list[Unit] | None = None, ids: list[str] | None = None) -> str:
+    """Identity of a set of used scenes (sorted ids)."""
+    all_ids = sorted(ids if ids is not None else [s.id for u in units or [] for s in u.scenes])
+    return hashlib.sha256(json.dumps(all_ids).encode()).hexdigest()
 
 
 # -- the build -----------------------------------------------------------------------
 
 
-def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -> BuildSummary:
-    """Run the whole pipeline for `cfg`. Raises `PipelineError` for user-fixable problems."""
-    t0 = time.monotonic()
-    out = check_output(cfg, overwrite)
-    summary = BuildSummary(output=out, dry_run=dry_run)
-    config_hash = cfg.hash()
+def build(
+    cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False, refresh: bool = False, wait: bool = False
+) -> BuildSummary:
+    """Run the pipeline for `cfg`. Raises `PipelineError` for user-fixable problems.
+
+    `refresh=True` adds a new dataset version holding only scenes the dataset does not have
+    yet (new ids, or known ids with another processing baseline); otherwise a dataset is
+    built (version 1), or found up to date.
+    """
+    target = str(cfg.output_path)
+    remote = is_url(target)
+    if remote:
+        storage.check_remote(target)
+        out = staging_dir(target)
+    else:
+        out = check_output(cfg, overwrite)
+    summary = BuildSummary(output=Path(target) if not remote else out, dry_run=dry_run)
     with open_catalog(cfg) as cat:
         result = search(cfg, cat)
         src = cat.source
@@ -147,87 +169,154 @@ def build(cfg: BuildConfig, *, dry_run: bool = False, overwrite: bool = False) -
             f"no usable Sentinel-2 L2A scenes in {result.catalog!r} for this AOI/dates ({result.found} found: {reasons}); "
             "widen --start/--end, --bbox/--aoi or --max-cloud"
         )
-    units, dup = group_units(result.scenes)
+    all_units, dup = group_units(result.scenes)
     for _, reason in dup:
         summary.rejected[reason] += 1
-    summary.used = sum(len(u.scenes) for u in units)
+    summary.used = sum(len(u.scenes) for u in all_units)
     log.info(
         "search: %d items found, %d scenes used on %d grids, %d rejected%s",
-        result.found, summary.used, len(units), sum(summary.rejected.values()),
+        result.found, summary.used, len(all_units), sum(summary.rejected.values()),
         "".join(f"; {n} {r}" for r, n in summary.rejected.most_common()),
     )
     if dry_run:
-        _dry_run_report(cfg, units, summary)
-        summary.seconds = time.monotonic() - t0
+        _dry_run_report(cfg, all_units, summary)
+        summary.seconds = time.monotonic() - summary.t0
         return summary
-
-    man = existing_manifest(out)
-    s_hash = scenes_hash(units)
-    if man is not None:
-        if man.get("config_hash") == config_hash and man.get("scenes_hash") == s_hash and not overwrite:
-            log.info("%s is up to date (same config and scenes): nothing to do", out / "manifest.json")
-            shutil.rmtree(out / "_work", ignore_errors=True)  # killed after publishing, before clean-up
-            summary.up_to_date = True
-            summary.chips = man.get("summary", {}).get("chips", {})
-            return summary
-        if not overwrite:
-            raise OutputError(
-                f"{str(out)!r} holds a dataset built with another config or scene set; "
-                "pass --overwrite to rebuild it (cubes are reused) or choose another --output"
-            )
-    out.mkdir(parents=True, exist_ok=True)
-    state = WorkState(out)
-    if not state.matches(config_hash, s_hash):
-        if state.data:
-            log.info("discarding an unfinished build with another config/scene set in %s", state.dir)
-        state.reset(config_hash, s_hash)
-    else:
-        log.info("resuming the unfinished build in %s", state.dir)
-    if man is not None:  # --overwrite: the old manifest must not describe new shards
-        (out / "manifest.json").unlink()
-        for spec_dir in man.get("datasets", {}):
-            shutil.rmtree(out / spec_dir, ignore_errors=True)
-
-    source = {"catalog": result.catalog, "collection": result.collection}
-    _dask_setup(cfg, src)
-    patch_url = make_patch_url(src.sign, src.token_url) if src else None
-    cube_hashes = {u.id: u.cube_hash(cfg) for u in units}
-    for u in tqdm(units, desc="cubes", unit="grid", disable=None):
-        path = cube_path(out, u)
-        if existing_cube(path, cube_hashes[u.id]) is None:
-            write_cube(load_unit(u, cfg, patch_url=patch_url), path, cfg)
-    _remove_stale_cubes(out, units)
-
-    datasets: dict[str, Any] = {}
-    for spec in cfg.tiling:
-        datasets[spec.name] = _write_dataset(out, spec, cfg, units, state, summary, source)
-    summary.bytes = sum(sh["bytes"] for d in datasets.values() for sp in d["splits"].values() for sh in sp["shards"])
-    summary.seconds = time.monotonic() - t0
-    manifest = _manifest(cfg, config_hash, s_hash, result, units, datasets, summary)
-    write_json_atomic(out / "manifest.json", manifest)
-    shutil.rmtree(state.dir, ignore_errors=True)
+    with dataset_lock(out, wait=wait):
+        if remote:
+            storage.pull_state(target, out)  # a refresh on a new machine starts from the published version
+        _build_locked(cfg, out, result, all_units, src, summary, overwrite=overwrite, refresh=refresh)
+        if remote and storage.needs_publish(target, out):
+            summary.bytes_published = storage.publish(out, target)
+    summary.seconds = time.monotonic() - summary.t0
     return summary
 
 
-def _dask_setup(cfg: BuildConfig, src: Source | None) -> None:
-    """Local threaded Dask and GDAL settings for cloud reads (retries, no directory listing)."""
-    import dask
+def _build_locked(
+    cfg: BuildConfig, out: Path, result: SearchResult, all_units: list[Unit], src: Source | None,
+    summary: BuildSummary, *, overwrite: bool, refresh: bool,
+) -> None:
+    config_hash = cfg.hash()
+    layout = cfg.layout_hash()
+    man = existing_manifest(out)
+    if refresh and man is not None:
+        if man.get("layout_hash") != layout:
+            raise OutputError(
+                f"{str(out)!r} was built with other tiling/quality/split/shard settings; a refresh must use the "
+                "dataset's settings (omit them, or pass the same --config), or rebuild with build_shards --overwrite"
+            )
+        known = {it["id"]: it.get("processing_baseline") for it in man.get("items", []) if it.get("used")}
+        new = [
+            sc for u in all_units for sc in u.scenes
+            if sc.id not in known or known[sc.id] != sc.harmonisation.processing_baseline
+        ]
+        if not new:
+            log.info("refresh: nothing new in %r since version %d", result.catalog, man.get("latest_version", 1))
+            summary.nothing_new = True
+            summary.chips = man.get("summary", {}).get("chips", {})
+            shutil.rmtree(out / "_work", ignore_errors=True)
+            return
+        units, _ = group_units(new)
+        version = int(man.get("latest_version", 1)) + 1
+        log.info("refresh: %d new or reprocessed scenes -> version %d", len(new), version)
+    else:
+        s_hash = scenes_hash(all_units)
+        if man is not None:
+            if man.get("config_hash") == config_hash and man.get("scenes_hash") == s_hash and not overwrite:
+                log.info("%s is up to date (same config and scenes): nothing to do", out / "manifest.json")
+                shutil.rmtree(out / "_work", ignore_errors=True)  # killed after publishing, before clean-up
+                summary.up_to_date = True
+                summary.chips = man.get("summary", {}).get("chips", {})
+                return
+            if not overwrite:
+                raise OutputError(
+                    f"{str(out)!r} holds a dataset built with another config or scene set; "
+                    "pass --overwrite to rebuild it (cubes are reused), use pipeline.refresh to add new scenes, "
+                    "or choose another --output"
+                )
+        units, version = all_units, 1
+    s_hash = scenes_hash(units)
+    out.mkdir(parents=True, exist_ok=True)
+    state = WorkState(out)
+    if not state.matches(config_hash, s_hash, version):
+        if state.data:
+            log.info("discarding an unfinished build with another config/scene set in %s", state.dir)
+        state.reset(config_hash, s_hash, version)
+    else:
+        log.info("resuming the unfinished build in %s", state.dir)
+    if man is not None and not refresh:  # --overwrite: the old manifest must not describe new shards
+        (out / "manifest.json").unlink(missing_ok=True)
+        for spec_dir in man.get("datasets", {}):
+            shutil.rmtree(out / spec_dir, ignore_errors=True)
+        shutil.rmtree(out / "stats", ignore_errors=True)
+        for old in (out / "cube").glob("v*"):
+            if old.name != _vdir(1):
+                shutil.rmtree(old, ignore_errors=True)
+        man = None
+
+    source = {"catalog": result.catalog, "collection": result.collection}
+    patch_url = make_patch_url(src.sign, src.token_url) if src else None
+    with _dask_client(cfg, src):
+        for u in tqdm(units, desc="cubes", unit="grid", disable=None):
+            path = cube_path(out, u, version)
+            if existing_cube(path, u.cube_hash(cfg)) is None:
+                write_cube(load_unit(u, cfg, patch_url=patch_url), path, cfg)
+    _remove_stale_cubes(out, units, version)
+
+    added: dict[str, Any] = {}
+    for spec in cfg.tiling:
+        added[spec.name] = _write_dataset(out, spec, cfg, units, state, summary, source, version)
+    summary.bytes = sum(sh["bytes"] for d in added.values() for sp in d["splits"].values() for sh in sp["shards"])
+    manifest = _manifest(cfg, man if refresh else None, version, s_hash, result, units, added, summary, out)
+    write_json_atomic(out / "manifest.json", manifest)
+    shutil.rmtree(state.dir, ignore_errors=True)
+    summary.version = version
+
+
+def _vdir(version: int) -> str:
+    return f"v{version:04d}"
+
+
+@contextlib.contextmanager
+def _dask_client(cfg: BuildConfig, src: Source | None) -> Iterator[Any]:
+    """A Dask client for the cube stage: an existing cluster (`scheduler`), or a LocalCluster
+    sized to the machine (threads in this process: GDAL releases the GIL, and no pickling of
+    chunks between processes). GDAL cloud settings are installed on every worker."""
     import odc.stac
+    from distributed import Client, LocalCluster
 
-    dask.config.set(scheduler="threads", num_workers=cfg.workers or os.cpu_count() or 1)
-    odc.stac.configure_rio(cloud_defaults=True, **GDAL_CLOUD_ENV, **(src.gdal_env if src else {}))
+    env = {**GDAL_CLOUD_ENV, **(src.gdal_env if src else {})}
+    if cfg.scheduler:
+        try:
+            client = Client(cfg.scheduler, timeout="20s")
+        except OSError as e:
+            raise OutputError(f"cannot reach the Dask scheduler {cfg.scheduler!r}: {e}") from None
+        log.info("Dask: using the cluster at %s (%d workers)", cfg.scheduler, len(client.scheduler_info()["workers"]))
+        cluster = None
+    else:
+        threads = cfg.workers or os.cpu_count() or 1
+        cluster = LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None)
+        client = Client(cluster)
+    try:
+        odc.stac.configure_rio(cloud_defaults=True, client=client, **env)
+        odc.stac.configure_rio(cloud_defaults=True, **env)  # and in this process (tiling reads)
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
-def _remove_stale_cubes(out: Path, units: list[Unit]) -> None:
-    keep = {cube_path(out, u).name for u in units}
-    for p in (out / "cube").glob("*.zarr*"):
+def _remove_stale_cubes(out: Path, units: list[Unit], version: int) -> None:
+    keep = {cube_path(out, u, version).name for u in units}
+    for p in (out / "cube" / _vdir(version)).glob("*.zarr*"):
         if p.name not in keep:
             shutil.rmtree(p, ignore_errors=True)
 
 
 def _write_dataset(
     out: Path, spec: TilingSpec, cfg: BuildConfig, units: list[Unit], state: WorkState,
-    summary: BuildSummary, source: dict[str, Any],
+    summary: BuildSummary, source: dict[str, Any], version: int,
 ) -> dict[str, Any]:
     """Tile every unit for one spec and write its shards, resumably."""
     import xarray as xr
@@ -255,22 +344,22 @@ def _write_dataset(
     for split in SPLITS:
         w = ds_state["writers"][split]
         writers[split] = ShardWriter(
-            out, spec.name, split, cfg.shards.max_bytes, cfg.shards.max_samples,
+            out, spec.name, f"{split}-{_vdir(version)}", cfg.shards.max_bytes, cfg.shards.max_samples,
             index=w["index"], with_hist=(split == "train"), on_close=make_on_close(split),
         )
     if not ds_state["done"]:
         # remove shards beyond the checkpoint (written after it, before a kill) and temp files
         for split in SPLITS:
             d = out / spec.name
-            for p in d.glob(f"{split}-*.tar*") if d.exists() else []:
-                idx = int(p.name.split("-")[1].split(".")[0])
+            for p in d.glob(f"{split}-{_vdir(version)}-*.tar*") if d.exists() else []:
+                idx = int(p.name.split("-")[-1].split(".")[0])
                 if p.name.endswith(".tmp") or idx >= ds_state["writers"][split]["index"]:
                     p.unlink()
         restart_unit = min(tuple(ds_state["writers"][s]["start"]) for s in SPLITS)[0]
         unit_dropped: dict[str, dict[str, int]] = ds_state["unit_dropped"]
         for ui in tqdm(range(restart_unit, len(units)), desc=spec.name, unit="grid", disable=None):
             u = units[ui]
-            cube = xr.open_zarr(cube_path(out, u), consolidated=False)
+            cube = xr.open_zarr(cube_path(out, u, version), consolidated=False)
             dropped: Counter[str] = Counter()
             for k, item in enumerate(iter_chips(cube, spec, cfg, source)):
                 pos[0], pos[1] = ui, k
@@ -296,10 +385,13 @@ def _write_dataset(
         shards = ds_state["writers"][split]["shards"]
         splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
     summary.chips[spec.name] = {s: splits[s]["num_samples"] for s in SPLITS}
-    hist = None
+    hist = np.zeros((len(sensor().band_names), N_BINS), dtype=np.int64)
     for sh in splits["train"]["shards"]:
-        h = np.load(state.hist_path(sh["path"]))
-        hist = h if hist is None else hist + h
+        hist += np.load(state.hist_path(sh["path"]))
+    # this version's train histogram is kept: statistics of any version = sum of versions <= it
+    hp = out / "stats" / f"{spec.name}-{_vdir(version)}.npy"
+    hp.parent.mkdir(parents=True, exist_ok=True)
+    np.save(hp, hist)
     n_bands = len(sensor().band_names)
     shape = [n_bands, spec.size, spec.size] if spec.time_steps == 1 else [spec.time_steps, n_bands, spec.size, spec.size]
     return {
@@ -310,18 +402,24 @@ def _write_dataset(
         "layout": "CHW" if spec.time_steps == 1 else "TCHW",
         "shape": shape,
         "splits": splits,
-        "stats": stats_from_histogram(hist) if hist is not None else None,
         "dropped": dict(dropped_total),
     }
 
 
 def _manifest(
-    cfg: BuildConfig, config_hash: str, s_hash: str, result: SearchResult, units: list[Unit],
-    datasets: dict[str, Any], summary: BuildSummary,
+    cfg: BuildConfig, prev: dict[str, Any] | None, version: int, s_hash: str, result: SearchResult,
+    units: list[Unit], added: dict[str, Any], summary: BuildSummary, out: Path,
 ) -> dict[str, Any]:
+    """The new manifest: the previous versions plus this one, and the cumulative view.
+
+    `datasets` (what the trainer reads by default) holds every shard of every version and
+    the statistics over all of them; `versions[i]` lists what version i added, with the
+    statistics as of that version, so a trainer can pin one.
+    """
     s = sensor()
-    used = {sc.id for u in units for sc in u.scenes}
-    items = [
+    now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    grid_of = {sc.id: u.id for u in units for sc in u.scenes}
+    new_items = [
         {
             "id": sc.id,
             "collection": sc.collection,
@@ -331,28 +429,84 @@ def _manifest(
             "processing_baseline": sc.harmonisation.processing_baseline,
             "rule": sc.harmonisation.rule,
             "scl": sc.has_scl,
-            "used": sc.id in used,
-            "grid": next(u.id for u in units if sc in u.scenes) if sc.id in used else None,
+            "used": sc.id in grid_of,
+            "grid": grid_of.get(sc.id),
+            "version": version,
         }
         for sc in result.scenes
+        if sc.id in grid_of or prev is None
     ]
+    versions = list(prev.get("versions", [])) if prev else []
+    entry: dict[str, Any] = {
+        "version": version,
+        "created": now,
+        "config_hash": cfg.hash(),
+        "scenes_hash": s_hash,
+        "items": sorted(grid_of),
+        "datasets": {},
+    }
+    for name, d in added.items():
+        stats = _stats_upto(out, name, version)
+        entry["datasets"][name] = {
+            "splits": d["splits"],
+            "dropped": d["dropped"],
+            "stats": stats,
+        }
+    versions.append(entry)
+    datasets: dict[str, Any] = {}
+    for name, d in added.items():
+        splits = {sp: {"num_samples": 0, "shards": []} for sp in SPLITS}
+        dropped: Counter[str] = Counter()
+        for v in versions:
+            vd = v["datasets"].get(name)
+            if vd is None:
+                continue
+            dropped.update(vd.get("dropped", {}))
+            for sp in SPLITS:
+                splits[sp]["shards"] += vd["splits"][sp]["shards"]
+                splits[sp]["num_samples"] += vd["splits"][sp]["num_samples"]
+        datasets[name] = {
+            **{k: v for k, v in d.items() if k not in ("splits", "dropped")},
+            "splits": splits,
+            "stats": entry["datasets"][name]["stats"],
+            "dropped": dict(dropped),
+        }
+    items = (list(prev.get("items", [])) if prev else []) + new_items
+    used_ids = [it["id"] for it in items if it.get("used")]
+    chips = {name: {sp: d["splits"][sp]["num_samples"] for sp in SPLITS} for name, d in datasets.items()}
     return {
         "format": FORMAT,
         "software_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": (prev or {}).get("created", now),
+        "updated": now,
+        "latest_version": version,
         "config": cfg.to_dict(),
-        "config_hash": config_hash,
-        "scenes_hash": s_hash,
+        "config_hash": cfg.hash(),
+        "layout_hash": cfg.layout_hash(),
+        "scenes_hash": scenes_hash(ids=used_ids),
         "bands": s.band_names,
         "dtype": "uint16",
         "value_scale": s.scale,
         "nodata": s.nodata,
         "source": {"catalog": result.catalog, "collection": result.collection},
         "datasets": datasets,
+        "versions": versions,
         "scenes": {"found": summary.found, "used": summary.used, "rejected": dict(summary.rejected)},
         "items": items,
-        "summary": {"chips": summary.chips, "bytes": summary.bytes, "seconds": round(summary.seconds, 2)},
+        "summary": {"chips": chips, "bytes": summary.bytes, "seconds": round(time.monotonic() - summary.t0, 2)},
     }
+
+
+def _stats_upto(out: Path, name: str, version: int) -> dict[str, Any] | None:
+    hist = None
+    for v in range(1, version + 1):
+        p = out / "stats" / f"{name}-{_vdir(v)}.npy"
+        if p.is_file():
+            h = np.load(p)
+            hist = h if hist is None else hist + h
+    if hist is None or hist.sum() == 0:
+        return None
+    return stats_from_histogram(hist)
 
 
 def _dry_run_report(cfg: BuildConfig, units: list[Unit], summary: BuildSummary) -> None:

@@ -72,7 +72,7 @@ def test_128_is_resized_and_recorded(sample_dataset: Path) -> None:
 
 
 def test_cube_is_georeferenced_zarr(sample_dataset: Path) -> None:
-    cubes = sorted((sample_dataset / "cube").glob("*.zarr"))
+    cubes = sorted((sample_dataset / "cube" / "v0001").glob("*.zarr"))
     assert len(cubes) == 11  # every patch is its own grid
     ds = xr.open_zarr(cubes[0], consolidated=False)
     assert ds["dn"].dims == ("time", "band", "y", "x") and ds["dn"].dtype == np.uint16
