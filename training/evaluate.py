@@ -1,0 +1,236 @@
+"""Evaluate a SpectralGPT encoder on the four downstream tasks of the paper.
+
+Usage::
+
+    python -m training.evaluate --task eurosat --data EuroSAT_MS/ --checkpoint weights.safetensors
+    python -m training.evaluate --task bigearthnet --data BigEarthNet-v1.0/ --checkpoint runs/x \\
+        --protocol finetune --label-set 19 --split-file test.csv
+    python -m training.evaluate --task segmentation --data seg/ --checkpoint SpectralGPT+.pth
+    python -m training.evaluate --task change --data OSCD/ --checkpoint SpectralGPT+.pth
+
+Tasks and the data layouts they read are described in ``training/evaluation/readers.py``;
+protocols in ``training/evaluation/tasks.py``; checkpoints and normalisation in
+``training/evaluation/checkpoints.py``. Results go to ``<checkpoint dir>/eval/<task>-<protocol>
+.json`` and ``.md`` (or ``--out DIR``). Bad input prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from training.errors import TrainingError
+
+logger = logging.getLogger("training.evaluate")
+
+TASKS = ("eurosat", "bigearthnet", "segmentation", "change")
+PROTOCOLS = ("linear", "finetune", "knn")
+# Defaults per protocol: (epochs, lr, weight decay). Linear heads train on cached features,
+# so many cheap epochs; fine-tuning follows the official recipe's AdamW + wd 0.05.
+DEFAULTS = {"linear": (100, 1e-3, 0.0), "knn": (0, 0.0, 0.0), "finetune": (20, 1e-4, 0.05)}
+DENSE_DEFAULTS = {"linear": (30, 1e-3, 1e-4), "finetune": (30, 1e-4, 0.05)}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's status)
+        self.exit(2, f"error: {message} (see python -m training.evaluate --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--data", required=True, help="data set root directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="exported .safetensors/.pt, DeepSpeed run dir, or official .pth")
+    p.add_argument("--protocol", choices=PROTOCOLS, default="linear",
+                   help="linear (frozen encoder), finetune (layer-wise LR decay), knn "
+                        "(classification only)")
+    p.add_argument("--epochs", type=int, default=None, help="default: per protocol (results)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="peak LR; default: per protocol")
+    p.add_argument("--weight-decay", type=float, default=None)
+    p.add_argument("--layer-decay", type=float, default=0.75,
+                   help="layer-wise LR decay for finetune (official 0.75)")
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--k", type=int, default=20, help="neighbours for knn")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="model input side (classification: images resized to it; dense tasks: "
+                        "tile size); default: the checkpoint's")
+    p.add_argument("--label-set", type=int, choices=(19, 43), default=19,
+                   help="BigEarthNet nomenclature")
+    p.add_argument("--split-file", default=None,
+                   help="names of the evaluation samples (one per line / CSV first column); "
+                        "the rest trains unless --train-file is given")
+    p.add_argument("--train-file", default=None, help="names of the training samples")
+    p.add_argument("--normalisation", choices=("auto", "dataset_stats", "per_image_minmax"),
+                   default="auto", help="auto = as in pretraining (see checkpoints.py)")
+    p.add_argument("--manifest", default=None,
+                   help="pretraining manifest.json for dataset statistics")
+    p.add_argument("--preset", default=None,
+                   help="preset for head counts of an official checkpoint of unusual size")
+    p.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="default: cuda when available")
+    p.add_argument("--workers", type=int, default=None,
+                   help="data loader processes (default: 0 on CPU, 8 on CUDA)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results directory (default <checkpoint dir>/eval)")
+    return p
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "n/a" if math.isnan(v) else f"{100 * v:.2f}"
+    return str(v)
+
+
+HEADLINE = {
+    "eurosat": [("overall_accuracy", "OA %"), ("f1_macro", "macro F1 %")],
+    "bigearthnet": [("map_macro", "mAP macro %"), ("map_micro", "mAP micro %"),
+                    ("f1_macro", "F1 macro %"), ("f1_micro", "F1 micro %")],
+    "segmentation": [("overall_accuracy", "OA %"), ("miou", "mIoU %"),
+                     ("miou_without_background", "mIoU w/o bg %")],
+    "change": [("f1", "change F1 %"), ("precision", "precision %"), ("recall", "recall %"),
+               ("overall_accuracy", "OA %")],
+}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """A small Markdown table of the headline metrics of one result."""
+    cols = HEADLINE[result["task"]]
+    head = ["task", "protocol", *[c[1] for c in cols], "train / test", "normalisation"]
+    m = result["metrics"]
+    row = [result["task"], result["protocol"], *[_fmt(m.get(k)) for k, _ in cols],
+           f"{result['split']['train']} / {result['split']['test']}",
+           result["normalisation"]["mode"]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
+    return (f"Checkpoint `{result['checkpoint']['path']}` ({result['checkpoint']['kind']}), "
+            f"image size {result['image_size']}, seed {result['seed']}.\n\n" + "\n".join(lines)
+            + "\n")
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN -> None."""
+    if isinstance(obj, float):
+        return None if math.isnan(obj) or math.isinf(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one task/protocol; return the result record (also written to disk)."""
+    from training.evaluation import checkpoints, readers, tasks
+    from training.evaluation.errors import EvaluationError
+    from training.evaluation.heads import Encoder
+
+    dense = args.task in ("segmentation", "change")
+    if dense and args.protocol == "knn":
+        raise EvaluationError(f"--protocol knn is for classification; {args.task} takes "
+                              f"linear or finetune")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise EvaluationError("--device cuda but no CUDA device is available")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name in ("epochs", "batch_size", "image_size", "k"):
+        v = getattr(args, name)
+        if v is not None and v < (0 if name == "epochs" else 1):
+            raise EvaluationError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+    data_dir = Path(args.data)
+    if not data_dir.is_dir():
+        raise EvaluationError(f"--data '{data_dir}' is not a directory")
+    ckpt = checkpoints.load_checkpoint(args.checkpoint, args.preset)
+    size = args.image_size or ckpt.config.img_size
+    if size % ckpt.config.patch_size:
+        raise EvaluationError(f"--image-size {size} is not a multiple of the patch size "
+                              f"{ckpt.config.patch_size}")
+    norm = checkpoints.resolve_normalisation(ckpt, args.normalisation, args.manifest)
+
+    if args.task == "eurosat":
+        data: Any = readers.read_eurosat(data_dir)
+    elif args.task == "bigearthnet":
+        data = readers.read_bigearthnet(data_dir, args.label_set)
+    elif args.task == "segmentation":
+        data = readers.read_segmentation(data_dir)
+    else:
+        data = readers.read_oscd(data_dir)
+    eval_list = readers.read_name_list(args.split_file) if args.split_file else None
+    train_list = readers.read_name_list(args.train_file) if args.train_file else None
+    train, test, split = tasks.make_split(data.ids, data.split_files, seed=args.seed,
+                                         eval_list=eval_list, train_list=train_list)
+
+    epochs, lr, wd = (DENSE_DEFAULTS if dense else DEFAULTS)[args.protocol]
+    settings = tasks.TrainSettings(
+        epochs=args.epochs if args.epochs is not None else epochs,
+        batch_size=args.batch_size, lr=args.lr if args.lr is not None else lr,
+        weight_decay=args.weight_decay if args.weight_decay is not None else wd,
+        layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
+        device=device, k=args.k,
+        workers=args.workers if args.workers is not None else (8 if device.type == "cuda" else 0))
+    torch.manual_seed(args.seed)
+    encoder = Encoder(checkpoints.build_mae(ckpt, size)).to(device)
+    logger.info("%s / %s: %d train, %d test samples (%s); image size %d; normalisation %s; "
+                "%s", args.task, args.protocol, len(train), len(test), split["source"], size,
+                norm.mode, device)
+    t0 = time.perf_counter()
+    run = {"eurosat": tasks.run_classification, "bigearthnet": tasks.run_classification,
+           "segmentation": tasks.run_segmentation, "change": tasks.run_change}[args.task]
+    out = run(encoder, data, train, test, norm, size, args.protocol, settings)
+
+    result = {
+        "task": args.task, "protocol": args.protocol, "metrics": out["metrics"],
+        "checkpoint": ckpt.describe(), "data": {"root": str(data_dir.resolve()), **data.info,
+                                                "classes": data.class_names},
+        "split": split, "normalisation": norm.describe(), "image_size": size,
+        "bands": " ".join(readers.model_bands()),
+        "settings": {"epochs": settings.epochs, "batch_size": settings.batch_size,
+                     "lr": settings.lr, "weight_decay": settings.weight_decay,
+                     "layer_decay": settings.layer_decay if args.protocol == "finetune" else None,
+                     "warmup_epochs": settings.warmup_epochs,
+                     "k": settings.k if args.protocol == "knn" else None},
+        "training": out["training"], "seed": args.seed, "device": str(device),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "software": {"torch": torch.__version__, "python": platform.python_version()},
+        "notes": ("metrics over the whole test split after the last epoch (no best-epoch "
+                  "selection); dense tasks scored on full images, each pixel once"),
+    }
+    out_dir = Path(args.out) if args.out else (
+        (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "eval")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{args.task}-{args.protocol}"
+    stem.with_suffix(".json").write_text(json.dumps(_clean(result), indent=1) + "\n")
+    stem.with_suffix(".md").write_text(markdown(result))
+    result["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed run dirs on a CPU machine
+    try:
+        result = evaluate(args)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result), end="")
+    print(f"written: {' '.join(result['files'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

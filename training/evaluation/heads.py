@@ -1,0 +1,182 @@
+"""The encoder without masking, and the task heads put on it.
+
+:class:`Encoder` runs the pretrained tokeniser, the separable position tables, the blocks
+and the final norm on *every* token (no masking: ``SpectralMAE.forward_encoder`` always
+shuffles tokens through ``random_masking``, so it is not used here). Parameter names stay
+those of the official model, which the layer-wise LR decay relies on.
+
+Heads (official counterparts in ``../shared/research/spectralgpt.md`` section 5.1):
+
+* classification: mean over all 3D tokens (the official code drops one token with
+  ``x[:, 1:]``; we do not) -> linear layer. The linear probe puts a parameter-free
+  BatchNorm before the linear layer (MAE ``main_linprobe.py``), since frozen MAE features
+  are badly scaled;
+* :class:`DenseHead`: fuse the spectral groups (learned ``Linear(G -> 1)``, started at the
+  mean), reshape to the ``H/p x W/p`` map, then a light decoder of 3x3 conv + BN + ReLU
+  and x2 bilinear upsampling until full resolution, and a 1x1 conv to the classes.
+  Deliberately lighter than the official UPerNet; the same head serves change detection
+  on the difference of the fused features of the two dates (official: siamese encoder,
+  ``Linear(4 -> 1)``, difference).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from training.models.spectral_mae import SpectralMAE
+
+__all__ = ["ChangeModel", "Classifier", "DenseHead", "Encoder", "SegmentationModel",
+           "param_groups_lrd"]
+
+
+class Encoder(nn.Module):
+    """``[B, T, H, W]`` normalised image -> tokens ``[B, G, L, D]`` (all tokens, no mask)."""
+
+    def __init__(self, mae: SpectralMAE) -> None:
+        super().__init__()
+        self.cfg = mae.cfg
+        self.patch_embed = mae.patch_embed
+        self.pos_embed_spatial = mae.pos_embed_spatial
+        self.pos_embed_temporal = mae.pos_embed_temporal
+        self.blocks = mae.blocks
+        self.norm = mae.norm
+
+    @property
+    def embed_dim(self) -> int:
+        return self.cfg.embed_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.patch_embed(x.unsqueeze(1))  # [B, G, L, D]
+        x = x + self.pos_embed_spatial[:, None] + self.pos_embed_temporal[:, :, None]
+        b, g, n_l, d = x.shape
+        x = x.reshape(b, g * n_l, d)  # token = group * L + spatial, as in pretraining
+        for blk in self.blocks:
+            x = blk(x)
+        return self.norm(x).reshape(b, g, n_l, d)
+
+
+class Classifier(nn.Module):
+    """Encoder -> mean over tokens -> head. ``head`` maps ``[B, D] -> [B, C]``."""
+
+    def __init__(self, encoder: Encoder, num_classes: int, *, probe: bool) -> None:
+        super().__init__()
+        self.encoder = encoder
+        d = encoder.embed_dim
+        linear = nn.Linear(d, num_classes)
+        nn.init.trunc_normal_(linear.weight, std=2e-5 if not probe else 0.01)  # official L314
+        nn.init.zeros_(linear.bias)
+        self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), linear) if probe else linear
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.encoder(x).mean(dim=(1, 2))  # [B, D]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+class DenseHead(nn.Module):
+    """Fused token map ``[B, D, h, w]`` -> per-pixel logits ``[B, C, h*p, w*p]``."""
+
+    def __init__(self, in_dim: int, num_classes: int, patch_size: int, width: int = 128) -> None:
+        super().__init__()
+        steps = int(math.log2(patch_size))
+        if 2**steps != patch_size:
+            raise ValueError(f"patch size {patch_size} is not a power of two")
+        layers: list[nn.Module] = []
+        c = in_dim
+        for i in range(steps):
+            out = max(width // 2**i, 16)
+            layers += [nn.Conv2d(c, out, 3, padding=1, bias=False), nn.BatchNorm2d(out),
+                       nn.ReLU(inplace=True), nn.Upsample(scale_factor=2, mode="bilinear",
+                                                          align_corners=False)]
+            c = out
+        layers.append(nn.Conv2d(c, num_classes, 1))
+        self.decoder = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(x)
+
+
+class GroupFusion(nn.Module):
+    """``[B, G, L, D]`` -> ``[B, D, h, w]`` with a learned weight per spectral group."""
+
+    def __init__(self, groups: int) -> None:
+        super().__init__()
+        self.fuse = nn.Linear(groups, 1)
+        nn.init.constant_(self.fuse.weight, 1.0 / groups)
+        nn.init.zeros_(self.fuse.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        b, g, n_l, d = tokens.shape
+        h = math.isqrt(n_l)
+        x = self.fuse(tokens.permute(0, 2, 3, 1)).squeeze(-1)  # [B, L, D]
+        return x.transpose(1, 2).reshape(b, d, h, h)
+
+
+class SegmentationModel(nn.Module):
+    """Encoder -> group fusion -> :class:`DenseHead`; ``[B, T, H, W] -> [B, C, H, W]``."""
+
+    def __init__(self, encoder: Encoder, num_classes: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.fusion = GroupFusion(encoder.cfg.num_groups)
+        self.head = DenseHead(encoder.embed_dim, num_classes, encoder.cfg.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.fusion(self.encoder(x)))
+
+
+class ChangeModel(nn.Module):
+    """Siamese encoder; fused features of date 1 minus date 2 -> :class:`DenseHead` (2 classes)."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.fusion = GroupFusion(encoder.cfg.num_groups)
+        self.head = DenseHead(encoder.embed_dim, 2, encoder.cfg.patch_size)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        tokens = self.encoder(torch.cat([a, b]))  # one pass, shared weights
+        fa, fb = self.fusion(tokens).chunk(2)
+        return self.head(fa - fb)
+
+
+def param_groups_lrd(model: nn.Module, lr: float, weight_decay: float,
+                     layer_decay: float) -> list[dict[str, object]]:
+    """AdamW parameter groups with layer-wise LR decay (BEiT; official ``util/lr_decay.py``).
+
+    Layer 0 = tokeniser and position tables, layer i + 1 = ``encoder.blocks.i``, and the
+    final norm plus every head parameter = layer depth + 1 (scale 1). The LR of layer i is
+    ``lr * layer_decay ** (depth + 1 - i)``. No weight decay on biases, norms (1-D tensors)
+    and position tables.
+    """
+    encoder = next((m for m in model.modules() if isinstance(m, Encoder)), None)
+    depth = len(encoder.blocks) if encoder is not None else 0
+    groups: dict[tuple[int, bool], dict[str, object]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        short = name.removeprefix("encoder.")
+        if short.startswith(("patch_embed", "pos_embed")) and name.startswith("encoder."):
+            layer = 0
+        elif short.startswith("blocks.") and name.startswith("encoder."):
+            layer = int(short.split(".")[1]) + 1
+        else:
+            layer = depth + 1
+        no_decay = p.ndim == 1 or name.endswith(".bias") or "pos_embed" in name
+        key = (layer, no_decay)
+        if key not in groups:
+            scale = layer_decay ** (depth + 1 - layer)
+            groups[key] = {"params": [], "lr": lr * scale, "lr_scale": scale,
+                           "weight_decay": 0.0 if no_decay else weight_decay}
+        groups[key]["params"].append(p)  # type: ignore[union-attr]
+    return list(groups.values())
+
+
+def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    return logits if logits.shape[-2:] == size else F.interpolate(
+        logits, size=size, mode="bilinear", align_corners=False)
