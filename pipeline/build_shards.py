@@ -6,13 +6,16 @@ Examples:
     python -m pipeline.build_shards --bbox -7.5,52.2,-6.5,52.8 --catalog https://my.stac/api --dry-run
     python -m pipeline.build_shards --config configs/pipeline/europe.yaml --output /data/s2
 
-Exit codes: 0 done (or already up to date), 2 bad input / unreachable catalog / unwritable
-output, 3 no scenes found, 1 unexpected error (a bug: traceback printed).
+Exit codes: 0 done (or already up to date, or nothing new for a refresh), 2 bad input /
+unreachable catalog / unwritable output, 3 no scenes found, 4 another build or refresh holds
+the dataset's lock, 130 interrupted (run again to resume), 1 unexpected error (a bug:
+traceback printed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -43,7 +46,9 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--config", help="YAML file with any of the keys of BuildConfig; flags override it")
     o.add_argument("--dry-run", action="store_true", help="print the scenes found and chips it would make; write nothing")
     o.add_argument("--overwrite", action="store_true", help="replace a finished dataset built with another config")
-    o.add_argument("--workers", type=int, help="Dask threads (default: all cores)")
+    o.add_argument("--workers", type=int, help="Dask threads of the local cluster (default: all cores)")
+    o.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    o.add_argument("--wait", action="store_true", help="wait for another build/refresh of the same output instead of exiting 4")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -61,8 +66,12 @@ def _glue_negative_bbox(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(_glue_negative_bbox(list(sys.argv[1:] if argv is None else argv)))
+def main(argv: list[str] | None = None, *, refresh: bool = False) -> int:
+    p = parser()
+    if refresh:
+        p.prog = "python -m pipeline.refresh"
+        p.description = "Add the scenes a dataset does not have yet as a new dataset version."
+    args = p.parse_args(_glue_negative_bbox(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -84,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             "max_items": args.max_items,
             "output": args.output,
             "workers": args.workers,
+            "scheduler": args.scheduler,
         }
         cfg = load_config(args.config, overrides)
+        if refresh and args.config is None:
+            cfg = _dataset_config(cfg, overrides)
         from pipeline.stages import build  # heavy imports (dask, xarray) after argument checks
 
-        summary = build(cfg, dry_run=args.dry_run, overwrite=args.overwrite)
+        summary = build(cfg, dry_run=args.dry_run, overwrite=args.overwrite, refresh=refresh, wait=args.wait)
     except PipelineError as e:
         log.error("%s", e)
         return e.exit_code
@@ -99,9 +111,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _dataset_config(cfg, overrides):  # type: ignore[no-untyped-def]
+    """A refresh without --config continues with the dataset's own settings (from its
+    manifest), with the given flags on top, so it never re-tiles by accident."""
+    from pipeline import storage
+    from pipeline.config import build_config
+
+    out = str(cfg.output_path)
+    if storage.is_url(out):
+        man = storage.read_remote_manifest(out)
+    else:
+        p = cfg.output_path / "manifest.json"
+        man = json.loads(p.read_text()) if p.is_file() else None
+    if not man:
+        return cfg
+    raw = {k: v for k, v in man["config"].items() if k not in ("output", "workers", "scheduler")}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("bbox") is not None:
+        raw["aoi"] = None
+    raw["output"] = out
+    return build_config(raw)
+
+
 def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
     if s.dry_run:
         log.info("dry run: nothing written")
+        return
+    if s.nothing_new:
+        log.info("nothing new: the dataset is unchanged")
         return
     log.info("scenes: %d found, %d used, %d rejected", s.found, s.used, sum(s.rejected.values()))
     for reason, n in s.rejected.most_common():
@@ -111,7 +148,7 @@ def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
         for reason, n in sorted(s.dropped.get(name, {}).items()):
             log.info("  dropped %4d  %s", n, reason)
     if not s.up_to_date:
-        log.info("wrote %.1f MB in %.1f s -> %s", s.bytes / 1e6, s.seconds, s.output / "manifest.json")
+        log.info("version %d: wrote %.1f MB in %.1f s -> %s", s.version, s.bytes / 1e6, s.seconds, s.output / "manifest.json")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,139 @@
+"""Scheduled refresh: new items become a new dataset version; nothing new adds nothing;
+a lock keeps two runs apart; a refresh killed half way leaves the last version intact."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.locking import dataset_lock
+from pipeline.refresh import main as refresh_main
+from tests.helpers.paths import REPO
+from tests.pipeline.conftest import read_dataset, shard_files
+
+LATER = ("S2B_MSIL2A_20180502T093039_43_14", "S2A_MSIL2A_20180510T94033_19_86")  # the two newest patches
+
+
+def _catalog(tmp: Path, hide: tuple[str, ...]) -> Path:
+    """A copy of the sample catalog without the items in `hide` (as if not yet published)."""
+    cat = tmp / "catalog"
+    if cat.exists():
+        shutil.rmtree(cat)
+    shutil.copytree(REPO / "catalogs" / "sample", cat)
+    coll = cat / "sentinel-2-l2a" / "collection.json"
+    d = json.loads(coll.read_text())
+    d["links"] = [ln for ln in d["links"] if not (ln["rel"] == "item" and any(h in ln["href"] for h in hide))]
+    coll.write_text(json.dumps(d, indent=1))
+    return cat / "catalog.json"
+
+
+def _manifest(out: Path) -> dict:
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def v1(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    d = tmp_path_factory.mktemp("refresh")
+    cat = _catalog(d, LATER)
+    out = d / "v1"
+    assert refresh_main(["--catalog", str(cat), "--output", str(out)]) == 0  # no dataset yet: builds version 1
+    return d, out
+
+
+def test_refresh_adds_exactly_the_new_items(v1: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d, base = v1
+    out = tmp_path / "ds"
+    shutil.copytree(base, out)
+    before = read_dataset(out)
+    m1 = _manifest(out)
+    assert m1["latest_version"] == 1 and not set(LATER) & set(m1["versions"][0]["items"])
+    cat = _catalog(tmp_path, ())
+    assert refresh_main(["--catalog", str(cat), "--output", str(out)]) == 0
+    m2 = _manifest(out)
+    assert m2["latest_version"] == 2 and [v["version"] for v in m2["versions"]] == [1, 2]
+    assert sorted(m2["versions"][1]["items"]) == sorted(LATER)
+    after = read_dataset(out)
+    added = {k: s for k, s in after.items() if k not in before}
+    assert set(before) <= set(after)
+    assert {s["json"]["scene_ids"][0] for s in added.values()} == set(LATER)
+    for k, s in before.items():  # version 1 samples untouched
+        assert (after[k]["npy"] == s["npy"]).all()
+    for name, ds in m2["datasets"].items():  # cumulative view = v1 + v2
+        for sp in ("train", "val"):
+            n = sum(v["datasets"][name]["splits"][sp]["num_samples"] for v in m2["versions"])
+            assert ds["splits"][sp]["num_samples"] == n
+    assert m2["datasets"]["s96_g10m"]["stats"]["count"] != m1["datasets"]["s96_g10m"]["stats"]["count"]
+    # a second refresh with nothing new adds nothing and says so
+    files = shard_files(out)
+    with caplog.at_level(logging.INFO):
+        assert refresh_main(["--catalog", str(cat), "--output", str(out)]) == 0
+    assert "nothing new" in caplog.text
+    assert shard_files(out) == files and _manifest(out)["latest_version"] == 2
+
+
+def test_concurrent_refresh_exits_with_clear_line(v1: tuple[Path, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    d, base = v1
+    out = tmp_path / "ds"
+    shutil.copytree(base, out)
+    cat = _catalog(tmp_path, ())
+    with dataset_lock(out), caplog.at_level(logging.ERROR):
+        assert refresh_main(["--catalog", str(cat), "--output", str(out)]) == 4
+    assert "another build or refresh" in caplog.records[-1].getMessage()
+    assert _manifest(out)["latest_version"] == 1
+
+
+def test_refresh_refuses_other_tiling(v1: tuple[Path, Path], tmp_path: Path) -> None:
+    d, base = v1
+    out = tmp_path / "ds"
+    shutil.copytree(base, out)
+    cfg = tmp_path / "other.yaml"
+    cfg.write_text("tiling: [64]\n")
+    assert refresh_main(["--catalog", str(_catalog(tmp_path, ())), "--config", str(cfg), "--output", str(out)]) == 2
+
+
+@pytest.mark.slow
+def test_killed_refresh_keeps_last_version_and_resumes(v1: tuple[Path, Path], tmp_path: Path) -> None:
+    d, base = v1
+    cat = _catalog(tmp_path, ())
+    ref = tmp_path / "ref"
+    shutil.copytree(base, ref)
+    assert refresh_main(["--catalog", str(cat), "--output", str(ref)]) == 0
+    out = tmp_path / "killed"
+    shutil.copytree(base, out)
+    v1_manifest = (out / "manifest.json").read_bytes()
+    cmd = [sys.executable, "-m", "pipeline.refresh", "--catalog", str(cat), "--output", str(out)]
+    rng = random.Random(7)
+    for _ in range(3):
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + rng.uniform(3.0, 9.0)
+        while p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+        man = (out / "manifest.json").read_bytes()
+        if man != v1_manifest:  # the refresh finished before the kill
+            break
+        # the last version stays readable and complete while a refresh is half done
+        m = json.loads(man)
+        for ds in m["datasets"].values():
+            for sp in ds["splits"].values():
+                for sh in sp["shards"]:
+                    assert (out / sh["path"]).stat().st_size == sh["bytes"]
+        assert len(read_dataset(out)) == sum(
+            sp["num_samples"] for ds in m["datasets"].values() for sp in ds["splits"].values()
+        )
+    assert subprocess.run(cmd, cwd=REPO, capture_output=True, timeout=600).returncode == 0
+    a, b = read_dataset(ref), read_dataset(out)
+    assert sorted(a) == sorted(b)
+    assert all((a[k]["npy"] == b[k]["npy"]).all() and a[k]["json"] == b[k]["json"] for k in a)
+    assert shard_files(ref) == shard_files(out)
