@@ -182,6 +182,8 @@ def build(
         _dry_run_report(cfg, all_units, summary)
         summary.seconds = time.monotonic() - summary.t0
         return summary
+    if cfg.scheduler:
+        _check_scheduler(cfg.scheduler)  # before anything is written
     with dataset_lock(out, wait=wait):
         if remote:
             storage.pull_state(target, out)  # a refresh on a new machine starts from the published version
@@ -275,6 +277,15 @@ def _build_locked(
 
 def _vdir(version: int) -> str:
     return f"v{version:04d}"
+
+
+def _check_scheduler(address: str) -> None:
+    from distributed import Client
+
+    try:
+        Client(address, timeout="10s").close()
+    except OSError as e:
+        raise OutputError(f"cannot reach the Dask scheduler {address!r}: {e}") from None
 
 
 @contextlib.contextmanager
