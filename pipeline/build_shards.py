@@ -117,7 +117,7 @@ def _dataset_config(cfg, overrides):  # type: ignore[no-untyped-def]
     from pipeline import storage
     from pipeline.config import build_config
 
-    out = str(cfg.output_path)
+    out = cfg.output_target
     if storage.is_url(out):
         man = storage.read_remote_manifest(out)
     else:
@@ -148,7 +148,7 @@ def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
         for reason, n in sorted(s.dropped.get(name, {}).items()):
             log.info("  dropped %4d  %s", n, reason)
     if not s.up_to_date:
-        log.info("version %d: wrote %.1f MB in %.1f s -> %s", s.version, s.bytes / 1e6, s.seconds, s.output / "manifest.json")
+        log.info("version %d: wrote %.1f MB in %.1f s -> %s", s.version, s.bytes / 1e6, s.seconds, f"{str(s.output).rstrip('/')}/manifest.json")
 
 
 if __name__ == "__main__":

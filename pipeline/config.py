@@ -179,6 +179,11 @@ class BuildConfig:
     def output_path(self) -> Path:
         return Path(self.output) if self.output else self.default_output()
 
+    @property
+    def output_target(self) -> str:
+        """The output as given: a local path or an fsspec URL (`s3://...` must not become a Path)."""
+        return str(self.output) if self.output else str(self.default_output())
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["bbox"] = list(self.bbox) if self.bbox else None

@@ -54,7 +54,7 @@ SPLITS = ("train", "val")
 class BuildSummary:
     """What a build did; printed by the CLI and stored in the manifest."""
 
-    output: Path
+    output: Path | str  # a local dir, or the URL of a remote dataset
     found: int = 0
     used: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
@@ -150,14 +150,14 @@ def build(
     yet (new ids, or known ids with another processing baseline); otherwise a dataset is
     built (version 1), or found up to date.
     """
-    target = str(cfg.output_path)
+    target = cfg.output_target
     remote = is_url(target)
     if remote:
         storage.check_remote(target)
         out = staging_dir(target)
     else:
         out = check_output(cfg, overwrite)
-    summary = BuildSummary(output=Path(target) if not remote else out, dry_run=dry_run)
+    summary = BuildSummary(output=target if remote else Path(target), dry_run=dry_run)
     with open_catalog(cfg) as cat:
         result = search(cfg, cat)
         src = cat.source

@@ -1,0 +1,47 @@
+"""--output s3://... against an S3 API on 127.0.0.1: shards and manifests land there,
+manifest last; a refresh from a fresh machine (empty staging) continues the remote dataset."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.build_shards import main
+from pipeline.refresh import main as refresh_main
+from tests.helpers.s3 import moto_s3
+from tests.pipeline.test_refresh import LATER, _catalog
+
+
+def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fsspec
+
+    monkeypatch.setenv("SPECTRALGPT_STAGING", str(tmp_path / "staging"))
+    with moto_s3() as endpoint:
+        fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
+        cat = _catalog(tmp_path, LATER)
+        url = "s3://eo-datasets/s2/europe"
+        assert main(["--catalog", str(cat), "--output", url]) == 0
+        man = json.loads(fs.cat(f"{url}/manifest.json"))
+        shards = [sh for d in man["datasets"].values() for sp in d["splits"].values() for sh in sp["shards"]]
+        assert shards
+        for sh in shards:
+            assert fs.size(f"{url}/{sh['path']}") == sh["bytes"]
+        assert fs.exists(f"{url}/cube/v0001")
+        assert not fs.exists(f"{url}/_work")
+        # a new machine: nothing staged locally, the refresh starts from the published version
+        shutil.rmtree(tmp_path / "staging")
+        assert refresh_main(["--catalog", str(_catalog(tmp_path, ())), "--output", url]) == 0
+        man2 = json.loads(fs.cat(f"{url}/manifest.json"))
+        assert man2["latest_version"] == 2 and sorted(man2["versions"][1]["items"]) == sorted(LATER)
+        for d in man2["datasets"].values():
+            for sp in d["splits"].values():
+                for sh in sp["shards"]:
+                    assert fs.size(f"{url}/{sh['path']}") == sh["bytes"]
+
+
+def test_missing_bucket_is_one_line(tmp_path: Path) -> None:
+    with moto_s3():
+        assert main(["--aoi", "ireland", "--output", "s3://no-such-bucket/x"]) == 2
