@@ -398,13 +398,11 @@ def config_from_dict(data: Any) -> RunConfig:
     stages = data.pop("stages", None)
     if not isinstance(stages, list):
         raise ConfigError("config key 'stages' must be a list of stage mappings")
-    if stages:
-        # Every stage must fit the model; ModelConfig needs an image size, take stage 0's.
-        model = dataclasses.replace(model, img_size=stages[0].get("img_size", model.img_size)
-                                    if isinstance(stages[0], dict) else model.img_size)
     data["stages"] = stages
     run = _build(RunConfig, {**data, "model": dataclasses.asdict(model)}, "")
-    return dataclasses.replace(run, model_preset=preset)
+    # Record the first stage's image size in the run's model (each stage replaces it).
+    return dataclasses.replace(run, model_preset=preset,
+                               model=run.model_for(run.stages[0]))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

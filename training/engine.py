@@ -117,7 +117,7 @@ def _save_images(ctx: StageContext, batch_image: torch.Tensor, step: int) -> Non
     path = ctx.run_dir / "images" / f"{ctx.stage.name}_step{step:07d}.png"
     report.save_reconstruction(path, image.cpu().numpy(), recon.cpu().numpy(),
                                mask.cpu().numpy(), ctx.bands,
-                               title=f"{ctx.stage.name} step {step}  loss {out.loss.item():.4f}")
+                               title=f"{ctx.stage.name}, step {step}: loss of this sample {out.loss.item():.4f}")
 
 
 def _gather_position(ctx: StageContext) -> DataPosition:
@@ -154,7 +154,7 @@ def train_stage(ctx: StageContext) -> StageResult:
         lr = ctx.schedule.lr(step)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr
-        sums = torch.zeros(3, dtype=torch.float64)
+        sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # NCCL needs GPU tensors
         data_wait = 0.0
         for micro in range(ctx.accumulation):
             t_data = time.perf_counter()
@@ -165,12 +165,12 @@ def train_stage(ctx: StageContext) -> StageResult:
             out = engine(x, generator=_mask_generator(ctx, step, micro))
             engine.backward(out.loss)
             sums += torch.stack([out.loss.detach(), out.loss_token.detach(),
-                                 out.loss_spectral.detach()]).double().cpu()
+                                 out.loss_spectral.detach()]).double()
             if micro < ctx.accumulation - 1:
                 engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
             last_image = x
         sums = _all_reduce_mean(sums / ctx.accumulation, ctx.world_size)
-        loss, loss_token, loss_spectral = sums.tolist()
+        loss, loss_token, loss_spectral = sums.cpu().tolist()
         global_step = state.global_step + 1
         if not math.isfinite(loss):
             raise NonFiniteLossError(

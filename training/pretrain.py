@@ -128,7 +128,8 @@ def _device(local_rank: int) -> torch.device:
         return torch.device("cuda", local_rank)
     if "OMP_NUM_THREADS" not in os.environ:
         # Share the cores between the processes of this node instead of oversubscribing.
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     return torch.device(accel.device_name())
 
@@ -306,7 +307,12 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
                                                load_lr_scheduler_states=False)
             if loaded is None:
                 raise CheckpointError(f"DeepSpeed could not load {ckpt_dir / tag}")
-            state = dataclasses.replace(resume_state, world_size=world_size)
+            if resume_state.stage_steps != plan.steps:
+                logger.warning("stage '%s' now has %d steps (the checkpoint's run had %d): the "
+                               "LR schedule follows the new length", stage.name, plan.steps,
+                               resume_state.stage_steps)
+            state = dataclasses.replace(resume_state, world_size=world_size,
+                                        stage_steps=plan.steps)
             position = DataPosition.from_dict(state.data_position).resumed(world_size,
                                                                            num_workers)
         else:

@@ -184,9 +184,17 @@ def test_presets_have_the_official_parameter_counts(builder: str, official_shape
 @pytest.mark.parametrize("builder", list(OFFICIAL))
 def test_official_state_dict_loads_every_tensor(builder: str, official_shapes: dict) -> None:
     preset, img = OFFICIAL[builder]
-    if preset != "base":
-        # Large/huge hold 1.3/2.6 GB of fp32: allocate without initialising (meta -> empty)
-        # and mark each source tensor with its own constant (fp16 keeps the file half size).
+    if preset == "huge":
+        # No huge weights were released; 2.6 GB of fp32 is too much for a unit test: check
+        # the strict load (names and shapes) on the meta device.
+        with torch.device("meta"):
+            model = build_model(preset, img_size=img)
+            state = {k: torch.empty(s) for k, s in official_shapes[builder].items()}
+        assert model.load_state_dict(state, strict=True, assign=True)
+        return
+    if preset == "large":
+        # 1.3 GB of fp32: allocate without initialising (meta -> empty) and mark each
+        # source tensor with its own constant (fp16 keeps the source at half size).
         with torch.device("meta"):
             model = build_model(preset, img_size=img)
         model = model.to_empty(device="cpu")

@@ -84,3 +84,9 @@ def test_export_of_a_missing_checkpoint(tmp_path: Path) -> None:
                           cwd=REPO, capture_output=True, text=True, env=_env(), timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: no checkpoint found")
+
+
+def test_sizes_command_prints_the_official_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["sizes"]) == 0
+    out = capsys.readouterr().out
+    assert "base  128 px: encoder    85.4 M" in out and "huge  128 px: encoder   630.3 M" in out

@@ -445,3 +445,4 @@ def build_model(preset: str | ModelConfig, **overrides: object) -> SpectralMAE:
 def config_dict(model: SpectralMAE) -> dict[str, object]:
     """The model's config as plain data (stored next to exported weights)."""
     return asdict(model.cfg)
+
