@@ -8,9 +8,10 @@ those of the official model, which the layer-wise LR decay relies on.
 Heads (official counterparts in ``../shared/research/spectralgpt.md`` section 5.1):
 
 * classification: mean over all 3D tokens (the official code drops one token with
-  ``x[:, 1:]``; we do not) -> linear layer. The linear probe puts a parameter-free
-  BatchNorm before the linear layer (MAE ``main_linprobe.py``), since frozen MAE features
-  are badly scaled;
+  ``x[:, 1:]``; we do not) -> linear layer. For the linear probe the frozen features are
+  first standardised with the training split's per-dimension mean and std (what MAE
+  ``main_linprobe.py`` does with an affine-free BatchNorm, computed once here), since
+  frozen MAE features are badly scaled;
 * :class:`DenseHead`: fuse the spectral groups (learned ``Linear(G -> 1)``, started at the
   mean), reshape to the ``H/p x W/p`` map, then a light decoder of 3x3 conv + BN + ReLU
   and x2 bilinear upsampling until full resolution, and a 1x1 conv to the classes.
@@ -66,10 +67,10 @@ class Classifier(nn.Module):
         super().__init__()
         self.encoder = encoder
         d = encoder.embed_dim
-        linear = nn.Linear(d, num_classes)
-        nn.init.trunc_normal_(linear.weight, std=2e-5 if not probe else 0.01)  # official L314
-        nn.init.zeros_(linear.bias)
-        self.head = nn.Sequential(nn.BatchNorm1d(d, affine=False), linear) if probe else linear
+        self.head = nn.Linear(d, num_classes)
+        # Fine-tuning head init trunc-normal(2e-5) as the official code (main_finetune.py L314).
+        nn.init.trunc_normal_(self.head.weight, std=0.01 if probe else 2e-5)
+        nn.init.zeros_(self.head.bias)
 
     def features(self, x: Tensor) -> Tensor:
         return self.encoder(x).mean(dim=(1, 2))  # [B, D]

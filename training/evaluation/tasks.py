@@ -3,8 +3,9 @@ test split once, after the last epoch.
 
 Classification (EuroSAT-MS single-label, BigEarthNet-S2 multi-label):
 
-* ``linear`` - frozen encoder; features (mean over all 3D tokens) are extracted once, then a
-  BatchNorm(affine=False) + linear head is trained on them (MAE linear probing);
+* ``linear`` - frozen encoder; features (mean over all 3D tokens) are extracted once,
+  standardised with the training split's mean/std (MAE linear probing's affine-free
+  BatchNorm, computed once), and a linear head is trained on them;
 * ``knn`` - frozen features, cosine similarity, the ``k`` nearest training samples vote
   with weights ``exp(sim / T)`` (the weighted kNN of Wu et al. 2018 / DINO); multi-label
   scores are the weighted mean of the neighbours' label vectors;
@@ -231,30 +232,34 @@ def run_classification(encoder: Encoder, data: ClassificationData, train: list[i
             return {"metrics": classification_scores(data, y_test.numpy(), scores),
                     "training": {"k": min(s.k, len(train)), "temperature": s.temperature,
                                  "seconds": time.perf_counter() - t0}}
-        model = Classifier(encoder, nc, probe=True)
-        head = model.head
+        mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
+        f_train, f_test = (f_train - mean) / std, (f_test - mean) / std
+        head = Classifier(encoder, nc, probe=True).head
         opt = torch.optim.AdamW(head.parameters(), lr=s.lr, weight_decay=s.weight_decay)
         for g in opt.param_groups:
             g["initial_lr"] = g["lr"]
         steps = math.ceil(len(train) / s.batch_size)
         total, warmup = s.epochs * steps, int(s.warmup_epochs * steps)
         gen = torch.Generator().manual_seed(s.seed)
-        for epoch in range(s.epochs):
-            head.train()
-            perm = torch.randperm(len(train), generator=gen)
-            running = 0.0
-            for i, batch in enumerate(perm.split(s.batch_size)):
-                if len(batch) < 2 and len(perm) > 1:  # BatchNorm needs 2 samples
-                    continue
-                _schedule(opt, epoch * steps + i, total, warmup)
-                loss = _loss(head(f_train[batch]), y_train[batch], data.multilabel)
-                _check_finite(loss, epoch)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                running += loss.item() * len(batch)
-            history.append(running / len(train))
-        head.eval()
+        # A linear layer on cached features: thread start-up costs more than the maths
+        # (and stalls on a busy machine), so train it on one thread.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for epoch in range(s.epochs):
+                perm = torch.randperm(len(train), generator=gen)
+                running = 0.0
+                for i, batch in enumerate(perm.split(s.batch_size)):
+                    _schedule(opt, epoch * steps + i, total, warmup)
+                    loss = _loss(head(f_train[batch]), y_train[batch], data.multilabel)
+                    _check_finite(loss, epoch)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                    running += loss.item() * len(batch)
+                history.append(running / len(train))
+        finally:
+            torch.set_num_threads(threads)
         with torch.no_grad():
             scores = head(f_test).numpy()
     elif protocol == "finetune":
