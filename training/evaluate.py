@@ -113,7 +113,8 @@ def markdown(result: dict[str, Any]) -> str:
     row = [result["task"], result["protocol"], *[_fmt(m.get(k)) for k, _ in cols],
            f"{result['split']['train']} / {result['split']['test']}",
            result["normalisation"]["mode"]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(row) + " |"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+             "| " + " | ".join(row) + " |"]
     return (f"Checkpoint `{result['checkpoint']['path']}` ({result['checkpoint']['kind']}), "
             f"image size {result['image_size']}, seed {result['seed']}.\n\n" + "\n".join(lines)
             + "\n")
@@ -128,6 +129,13 @@ def _clean(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_clean(v) for v in obj]
     return obj
+
+
+def _probe(data: Any) -> None:
+    for name in ("load", "load_image", "load_pair"):
+        if hasattr(data, name):
+            getattr(data, name)(0)
+            return
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -166,6 +174,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         data = readers.read_segmentation(data_dir)
     else:
         data = readers.read_oscd(data_dir)
+    _probe(data)  # read one sample now: a missing band fails before any training
     eval_list = readers.read_name_list(args.split_file) if args.split_file else None
     train_list = readers.read_name_list(args.train_file) if args.train_file else None
     train, test, split = tasks.make_split(data.ids, data.split_files, seed=args.seed,
@@ -206,8 +215,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "notes": ("metrics over the whole test split after the last epoch (no best-epoch "
                   "selection); dense tasks scored on full images, each pixel once"),
     }
-    out_dir = Path(args.out) if args.out else (
-        (ckpt.path if ckpt.path.is_dir() else ckpt.path.parent) / "eval")
+    given = Path(args.checkpoint)
+    out_dir = Path(args.out) if args.out else (given if given.is_dir() else given.parent) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{args.task}-{args.protocol}"
     stem.with_suffix(".json").write_text(json.dumps(_clean(result), indent=1) + "\n")

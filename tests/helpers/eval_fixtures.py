@@ -159,3 +159,24 @@ def write_checkpoints(root: Path, img_size: int = 32, seed: int = 0) -> dict[str
     torch.save({"model": {f"module.{k}": v for k, v in weights.items()}, "epoch": 1,
                 "args": argparse.Namespace(model="mae_vit_tiny")}, official)
     return {"safetensors": st, "pt": pt, "official": official}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.helpers.eval_fixtures OUT``: the README's sample downstream sets."""
+    parser = argparse.ArgumentParser(prog="python -m tests.helpers.eval_fixtures",
+                                     description=main.__doc__)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    write_eurosat(args.out / "eurosat", classes=("AnnualCrop", "Forest", "Industrial", "River"),
+                  per_class=20, seed=args.seed)
+    write_segmentation(args.out / "segmentation", n=10, size=128, num_classes=4, seed=args.seed)
+    write_oscd(args.out / "oscd", cities=("abudhabi", "beirut", "cupertino", "lasvegas",
+                                          "montpellier"),
+               test=("lasvegas", "montpellier"), size=200, seed=args.seed)
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

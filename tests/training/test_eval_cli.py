@@ -49,8 +49,13 @@ def test_eurosat_linear_probe_learns(fx: dict[str, Path], tmp_path: Path) -> Non
 
 
 def test_eurosat_knn_and_finetune(fx: dict[str, Path], tmp_path: Path) -> None:
-    knn = _run(fx, tmp_path, "eurosat", "--protocol", "knn", "--k", "5")
+    split = tmp_path / "eurosat-test.txt"
+    split.write_text("AnnualCrop/AnnualCrop_1.tif\nForest_1.tif\nRiver_1\n")
+    knn = _run(fx, tmp_path, "eurosat", "--protocol", "knn", "--k", "5", "--split-file",
+               str(split))
     assert knn["settings"]["k"] == 5 and 0 <= knn["metrics"]["overall_accuracy"] <= 1
+    assert knn["split"] == {"source": "--split-file", "train": 27, "test": 3,
+                            "unmatched_test_names": 0}
     ft = _run(fx, tmp_path, "eurosat", "--protocol", "finetune", "--epochs", "1",
               "--batch-size", "12", ckpt="pt")
     assert ft["settings"]["layer_decay"] == 0.75 and len(ft["training"]["loss_per_epoch"]) == 1

@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from training.models.spectral_mae import SpectralMAE
@@ -177,7 +176,3 @@ def param_groups_lrd(model: nn.Module, lr: float, weight_decay: float,
         groups[key]["params"].append(p)  # type: ignore[union-attr]
     return list(groups.values())
 
-
-def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
-    return logits if logits.shape[-2:] == size else F.interpolate(
-        logits, size=size, mode="bilinear", align_corners=False)

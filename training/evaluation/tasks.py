@@ -175,11 +175,14 @@ def extract_features(encoder: Encoder, data: ClassificationData, indices: Sequen
     return torch.cat(out)
 
 
-def classification_scores(data: ClassificationData, y_true: np.ndarray,
-                          scores: np.ndarray) -> dict[str, Any]:
-    """OA (single-label) or macro/micro mAP and F1@0.5 (multi-label) on the whole test set."""
+def classification_scores(data: ClassificationData, y_true: np.ndarray, scores: np.ndarray,
+                          *, probabilities: bool = False) -> dict[str, Any]:
+    """OA (single-label) or macro/micro mAP and F1@0.5 (multi-label) on the whole test set.
+
+    ``scores`` are logits, or already probabilities when ``probabilities`` (kNN votes).
+    """
     if data.multilabel:
-        probs = scores if scores.min() >= 0 and scores.max() <= 1 else 1 / (1 + np.exp(-scores))
+        probs = scores if probabilities else 1 / (1 + np.exp(-scores))
         ap = metrics.multilabel_map(y_true, scores)
         f1 = metrics.multilabel_f1(y_true, probs, 0.5)
         return {"map_macro": ap["macro"], "map_micro": ap["micro"], "f1_macro": f1["macro"],
@@ -229,7 +232,8 @@ def run_classification(encoder: Encoder, data: ClassificationData, train: list[i
         f_test = extract_features(encoder, data, test, norm, size, s)
         if protocol == "knn":
             scores = _knn(f_train, y_train, f_test, s, data.multilabel, nc)
-            return {"metrics": classification_scores(data, y_test.numpy(), scores),
+            return {"metrics": classification_scores(data, y_test.numpy(), scores,
+                                                     probabilities=True),
                     "training": {"k": min(s.k, len(train)), "temperature": s.temperature,
                                  "seconds": time.perf_counter() - t0}}
         mean, std = f_train.mean(0), f_train.std(0).clamp_min(1e-6)
@@ -309,7 +313,8 @@ def _pad_to(x: Tensor, size: int, value: float) -> Tensor:
 def tiles(h: int, w: int, size: int) -> list[tuple[int, int]]:
     """Top-left corners of the non-overlapping ``size`` tiles covering an ``h x w`` image
     padded to multiples of ``size``."""
-    return [(r, c) for r in range(0, h + (-h) % size, size) for c in range(0, w + (-w) % size, size)]
+    return [(r, c) for r in range(0, h + (-h) % size, size)
+            for c in range(0, w + (-w) % size, size)]
 
 
 def _random_crops(n_images: int, shapes: Sequence[tuple[int, int]], size: int,
