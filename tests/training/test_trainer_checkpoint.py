@@ -14,6 +14,10 @@ from training.config import load_config
 from training.models.spectral_mae import SpectralMAE, build_model
 from training.optim import param_groups
 
+# DeepSpeed 0.19 calls collectives and torch.jit APIs that torch 2.13 deprecates.
+pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
+              pytest.mark.filterwarnings("ignore::DeprecationWarning")]
+
 
 @pytest.fixture(scope="module")
 def process_group() -> None:
