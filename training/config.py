@@ -18,8 +18,8 @@ YAML layout (see ``training/configs/tiny_cpu.yaml``)::
     micro_batch: 4
     global_batch: 8
     stages:
-      - {name: s96, dataset: s96_g10m, img_size: 96, samples: 640, blr: 0.05, warmup_samples: 64}
-      - {name: s128, dataset: s128_g10m, img_size: 128, samples: 320, blr: 0.025, warmup_samples: 32}
+      - {name: s96, dataset: s96_g10m, img_size: 96, samples: 1600, blr: 0.1}
+      - {name: s128, dataset: s128_g10m, img_size: 128, samples: 640, blr: 0.05}
 
 Unknown keys anywhere are rejected with one line naming the key (timm ``args.yaml`` and
 nanoGPT ``GPTConfig`` are the models; nanoGPT's ``exec``-based configurator is avoided).

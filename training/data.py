@@ -19,9 +19,9 @@ pair is one *stream*:
 The data position is therefore one integer per stream (samples consumed) plus which
 stream delivers the next batch (DataLoader workers take turns). A resumed run rebuilds the
 same streams, skips the consumed samples (raw tar members, before decoding) and rotates
-the worker-to-stream assignment so the turn order continues too: bit-identical batches. If the number of processes or workers changed, the streams
-cannot be the same; the run then starts a new *generation* of seeds (logged) and keeps its
-step count.
+the worker-to-stream assignment so the turn order continues too: bit-identical batches.
+If the number of processes or workers changed, the streams cannot be the same; the run
+then starts a new *generation* of seeds (logged) and keeps its step count.
 """
 
 from __future__ import annotations

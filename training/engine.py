@@ -117,7 +117,8 @@ def _save_images(ctx: StageContext, batch_image: torch.Tensor, step: int) -> Non
     path = ctx.run_dir / "images" / f"{ctx.stage.name}_step{step:07d}.png"
     report.save_reconstruction(path, image.cpu().numpy(), recon.cpu().numpy(),
                                mask.cpu().numpy(), ctx.bands,
-                               title=f"{ctx.stage.name}, step {step}: loss of this sample {out.loss.item():.4f}")
+                               title=f"{ctx.stage.name}, step {step}: loss of this sample "
+                                     f"{out.loss.item():.4f}")
 
 
 def _gather_position(ctx: StageContext) -> DataPosition:

@@ -58,7 +58,8 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
 
     if out is None:
         suffix = ".safetensors" if fmt == "safetensors" else ".pt"
-        out = ckpt_dir.parent / "export" / f"spectral_mae_{run.model_preset}_{stage.name}_{tag}{suffix}"
+        name = f"spectral_mae_{run.model_preset}_{stage.name}_{tag}{suffix}"
+        out = ckpt_dir.parent / "export" / name
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info: dict[str, Any] = {

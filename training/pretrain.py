@@ -56,7 +56,12 @@ from training.data import (  # noqa: E402
     read_shard_set,
 )
 from training.engine import StageContext, train_stage  # noqa: E402
-from training.errors import CheckpointError, ConfigError, NonFiniteLossError, TrainingError  # noqa: E402
+from training.errors import (  # noqa: E402
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    TrainingError,
+)
 from training.models.spectral_mae import SpectralMAE, adapt_state_dict  # noqa: E402
 from training.optim import Schedule, param_groups  # noqa: E402
 
