@@ -120,6 +120,26 @@ def markdown(result: dict[str, Any]) -> str:
             + "\n")
 
 
+def _num(v: Any) -> Any:
+    return float("nan") if v is None else v
+
+
+def summary(out_dir: Path) -> str:
+    """One Markdown table of every ``<task>-<protocol>.json`` result in ``out_dir``."""
+    rows = ["| task | protocol | metrics (%) | train / test | normalisation | seconds |",
+            "|---|---|---|---|---|---|"]
+    order = {t: i for i, t in enumerate(TASKS)}
+    results = [json.loads(f.read_text()) for f in sorted(out_dir.glob("*-*.json"))]
+    results = [r for r in results if isinstance(r, dict) and r.get("task") in order]
+    for r in sorted(results, key=lambda r: (order[r["task"]], PROTOCOLS.index(r["protocol"]))):
+        m = r["metrics"]
+        shown = ", ".join(f"{label.removesuffix(' %')} {_fmt(_num(m.get(k)))}"
+                          for k, label in HEADLINE[r["task"]])
+        rows.append(f"| {r['task']} | {r['protocol']} | {shown} | {r['split']['train']} / "
+                    f"{r['split']['test']} | {r['normalisation']['mode']} | {r['seconds']:.0f} |")
+    return "\n".join(rows) + "\n"
+
+
 def _clean(obj: Any) -> Any:
     """JSON-safe copy: NaN -> None."""
     if isinstance(obj, float):
@@ -221,7 +241,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     stem = out_dir / f"{args.task}-{args.protocol}"
     stem.with_suffix(".json").write_text(json.dumps(_clean(result), indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
-    result["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md"))]
+    (out_dir / "summary.md").write_text(summary(out_dir))
+    result["files"] = [str(stem.with_suffix(".json")), str(stem.with_suffix(".md")),
+                       str(out_dir / "summary.md")]
     return result
 
 

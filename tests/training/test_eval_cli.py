@@ -35,6 +35,7 @@ def _run(fx: dict[str, Path], tmp_path: Path, task: str, *extra: str,
     assert rc == 0
     protocol = extra[extra.index("--protocol") + 1] if "--protocol" in extra else "linear"
     assert (out / f"{task}-{protocol}.md").read_text().count("|") > 10
+    assert f"| {task} | {protocol} |" in (out / "summary.md").read_text()
     return json.loads((out / f"{task}-{protocol}.json").read_text())
 
 
