@@ -17,7 +17,8 @@ Segmentation and change detection (``linear`` = frozen encoder + trained light d
 ``image_size`` (as many per image and epoch as the image holds), evaluation on **full
 images**: each is cut into non-overlapping ``image_size`` tiles (edges zero-padded in
 normalised units, padded pixels never scored), the predictions are stitched back and every
-pixel is counted exactly once.
+pixel is counted exactly once. The normalised training images of dense tasks are held in
+memory (OSCD: 14 cities; SegMunich-sized sets fit too).
 
 Differences from the official code, on purpose (research note section 5): the score is the
 last epoch's on the test split (the official EuroSAT script prints the best epoch on its
