@@ -8,7 +8,8 @@ Examples:
 
 Exit codes: 0 done (or already up to date, or nothing new for a refresh), 2 bad input /
 unreachable catalog / unwritable output, 3 no scenes found, 4 another build or refresh holds
-the dataset's lock, 130 interrupted (run again to resume), 1 unexpected error (a bug:
+the dataset's lock, 5 finished but some scenes could not be read (skipped, listed in the
+manifest) or --fail-fast stopped at the first one, 130 interrupted (run again to resume), 1 unexpected error (a bug:
 traceback printed).
 """
 
@@ -48,6 +49,8 @@ def parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true", help="replace a finished dataset built with another config")
     o.add_argument("--workers", type=int, help="Dask threads of the local cluster (default: all cores)")
     o.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    o.add_argument("--fail-fast", action="store_true", dest="fail_fast", default=None,
+                   help="stop at the first scene that keeps failing (exit 5) instead of skipping it")
     o.add_argument("--wait", action="store_true", help="wait for another build/refresh of the same output instead of exiting 4")
     o.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None, *, refresh: bool = False) -> int:
             "output": args.output,
             "workers": args.workers,
             "scheduler": args.scheduler,
+            "fail_fast": args.fail_fast,
         }
         cfg = load_config(args.config, overrides)
         if refresh and args.config is None:
@@ -108,6 +112,12 @@ def main(argv: list[str] | None = None, *, refresh: bool = False) -> int:
         log.error("interrupted: run the same command again to resume")
         return 130
     _print_summary(summary)
+    if summary.failed:
+        log.error(
+            "%d scene(s) could not be read and were skipped (listed under 'failed' in manifest.json); "
+            "run pipeline.refresh later to retry them", len(summary.failed),
+        )
+        return 5
     return 0
 
 
@@ -140,9 +150,12 @@ def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
     if s.nothing_new:
         log.info("nothing new: the dataset is unchanged")
         return
-    log.info("scenes: %d found, %d used, %d rejected", s.found, s.used, sum(s.rejected.values()))
+    log.info("scenes: %d found, %d used, %d rejected, %d failed", s.found, s.used - len(s.failed),
+             sum(s.rejected.values()), len(s.failed))
     for reason, n in s.rejected.most_common():
         log.info("  rejected %4d  %s", n, reason)
+    for sid, reason in sorted(s.failed.items()):
+        log.info("  failed        %s: %s", sid, reason)
     for name, per in s.chips.items():
         log.info("dataset %s: %s", name, ", ".join(f"{k} {v}" for k, v in per.items()))
         for reason, n in sorted(s.dropped.get(name, {}).items()):

@@ -132,6 +132,11 @@ class BuildConfig:
     quality: QualityConfig = QualityConfig()
     split: SplitConfig = SplitConfig()
     shards: ShardConfig = ShardConfig()
+    sign: str | None = None  # href signing for URL/path catalogs: none | planetary_computer (named sources set their own)
+    token_url: str | None = None  # SAS token endpoint used with sign: planetary_computer
+    retries: int = 3  # per grid, after GDAL's own HTTP retries; backoff 1 s, 2 s, 4 s ...
+    retry_backoff_s: float = 1.0
+    fail_fast: bool = False  # True: the first scene that keeps failing stops the run (exit 5)
     workers: int | None = None  # Dask threads; None = all cores
     scheduler: str | None = None  # address of an existing Dask scheduler; None = local
 
@@ -161,6 +166,12 @@ class BuildConfig:
         names = [t.name for t in self.tiling]
         if len(set(names)) != len(names):
             raise ConfigError(f"tiling: duplicate datasets {names}")
+        if self.sign not in (None, "none", "planetary_computer"):
+            raise ConfigError(f"sign={self.sign!r}: use none or planetary_computer")
+        if self.sign == "planetary_computer" and not self.token_url:
+            raise ConfigError("sign: planetary_computer needs token_url")
+        if self.retries < 0:
+            raise ConfigError("retries must be >= 0")
         if self.cube_chunk < 64:
             raise ConfigError("cube_chunk must be >= 64")
 
@@ -196,7 +207,7 @@ class BuildConfig:
         `output`, `workers` and `scheduler` change where and how fast, not what.
         """
         d = self.to_dict()
-        for k in ("output", "workers", "scheduler"):
+        for k in ("output", "workers", "scheduler", *_RUN_KEYS):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
@@ -204,11 +215,12 @@ class BuildConfig:
         """Hash of what shapes samples (tiling, quality, split, shards, resampling), not of
         what is searched: a refresh may search another date range, never re-tile."""
         d = self.to_dict()
-        for k in ("output", "workers", "scheduler", *_SEARCH_KEYS):
+        for k in ("output", "workers", "scheduler", *_RUN_KEYS, *_SEARCH_KEYS):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
+_RUN_KEYS = ("retries", "retry_backoff_s", "fail_fast", "sign", "token_url")  # how hard to try, not what is built
 _SEARCH_KEYS = ("aoi", "bbox", "catalog", "collection", "start", "end", "max_cloud", "max_items")
 
 

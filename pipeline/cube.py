@@ -29,6 +29,7 @@ import xarray as xr
 
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig
+from pipeline.errors import SceneError
 from pipeline.harmonise import apply_offsets
 from pipeline.search import Scene
 
@@ -38,15 +39,20 @@ SCL_MISSING = 255  # value of the cube's scl where the item had no SCL asset
 
 # GDAL settings for remote COGs (union of odc-stac/stackstac cloud defaults, see
 # research/pipeline-anchors.md section 2): no directory listing, retries on transient HTTP errors.
-GDAL_CLOUD_ENV = {
+# GDAL doubles the delay after each retry, so 4 retries from 0.5 s wait at most ~7.5 s per
+# request before our own per-grid retry (with its own backoff) takes over. Any of these can be
+# overridden by setting the same variable in the environment.
+_GDAL_DEFAULTS = {
     "GDAL_DISABLE_READDIR_ON_OPEN": "EMPTY_DIR",
-    "GDAL_HTTP_MAX_RETRY": "10",
+    "GDAL_HTTP_MAX_RETRY": "4",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
+    "GDAL_HTTP_TIMEOUT": "60",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "VSI_CACHE": "TRUE",
 }
+GDAL_CLOUD_ENV = {k: os.environ.get(k, v) for k, v in _GDAL_DEFAULTS.items()}
 
 
 @dataclass(frozen=True)
@@ -100,6 +106,63 @@ def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, 
         units.append(Unit(f"{tile}_{h}", epsg, ss[0].tile, shape, transform, ss))
     units.sort(key=lambda u: u.id)
     return units, dropped
+
+
+def clear_gdal_http_cache() -> None:
+    """Forget GDAL's /vsicurl/ cache (file sizes, existence, blocks) in this process.
+
+    GDAL remembers a failed or partial HTTP answer for a URL; without clearing, a retry
+    would see the cached failure instead of asking the server again. rasterio does not
+    wrap `VSICurlClearCache`, so it is called through ctypes on rasterio's bundled libgdal
+    (the same library instance rasterio already loaded). Best effort: a no-op if not found.
+    """
+    import ctypes
+    import glob
+
+    import rasterio
+
+    here = os.path.dirname(rasterio.__file__)
+    for lib in sorted(glob.glob(os.path.join(here, "..", "rasterio.libs", "libgdal*"))) or ["libgdal.so"]:
+        try:
+            ctypes.CDLL(lib).VSICurlClearCache()
+            return
+        except (OSError, AttributeError):
+            continue
+
+
+def check_scene_assets(scene: Scene, *, patch_url: Any = None, threads: int = 8) -> None:
+    """Read every asset's header and compare it with the item's STAC metadata.
+
+    Raises `SceneError` when a COG contradicts its item (CRS, shape or transform), because
+    odc-stac would otherwise warp such a file silently onto the wrong grid. Transient read
+    errors (HTTP 5xx, resets) propagate as ordinary exceptions so the caller can retry.
+    """
+    import concurrent.futures as cf
+
+    import rasterio
+
+    def one(band: str) -> str:
+        href = scene.hrefs[band]
+        meta = scene.item["assets"][band]
+        url = patch_url(href) if patch_url else href
+        with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(url) as r:
+            epsg = r.crs.to_epsg() if r.crs else None
+            if epsg != scene.epsg:
+                return f"asset {band}: CRS EPSG:{epsg} differs from the item's EPSG:{scene.epsg}"
+            shape = meta.get("proj:shape")
+            if shape and [r.height, r.width] != [int(v) for v in shape]:
+                return f"asset {band}: shape {r.height}x{r.width} differs from proj:shape {shape[0]}x{shape[1]}"
+            t = meta.get("proj:transform")
+            if t and any(abs(a - b) > 1e-6 for a, b in zip(list(r.transform)[:6], t[:6])):
+                return f"asset {band}: transform differs from proj:transform"
+            if r.dtypes[0] not in ("uint16", "uint8"):
+                return f"asset {band}: dtype {r.dtypes[0]}, expected uint16"
+        return ""
+
+    with cf.ThreadPoolExecutor(threads) as ex:
+        problems = [p for p in ex.map(one, sorted(scene.hrefs)) if p]
+    if problems:
+        raise SceneError(scene.id, problems[0])
 
 
 def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Dataset:

@@ -32,6 +32,12 @@ class OutputError(PipelineError):
     """The output location is not writable or holds an incompatible dataset."""
 
 
+class ScenesFailed(PipelineError):
+    """The run finished but some scenes could not be read (or --fail-fast stopped it)."""
+
+    exit_code = 5
+
+
 class SceneError(Exception):
     """One scene could not be used; the run records the reason and goes on."""
 

@@ -241,10 +241,42 @@ def _tile(item: dict[str, Any]) -> str:
     return m.group(1) if m else ""
 
 
+def validate_item(item: Any) -> str:
+    """Structural STAC item checks (offline, no JSON-schema download): '' when valid."""
+    if not isinstance(item, dict) or item.get("type") != "Feature":
+        return "invalid STAC item (not a GeoJSON Feature)"
+    if not item.get("id") or not isinstance(item.get("id"), str):
+        return "invalid STAC item (no id)"
+    props = item.get("properties")
+    if not isinstance(props, dict):
+        return "invalid STAC item (no properties)"
+    if not (props.get("datetime") or (props.get("start_datetime") and props.get("end_datetime"))):
+        return "invalid STAC item (no datetime)"
+    try:
+        _iso_utc(str(props.get("datetime") or props["start_datetime"]))
+    except ValueError:
+        return "invalid STAC item (unparsable datetime)"
+    geom = item.get("geometry")
+    try:
+        if geom is not None and not shapely.geometry.shape(geom).is_valid:
+            return "invalid STAC item (invalid geometry)"
+    except (ValueError, TypeError, AttributeError, KeyError):
+        return "invalid STAC item (invalid geometry)"
+    bbox = item.get("bbox")
+    if geom is not None and (not isinstance(bbox, list) or len(bbox) not in (4, 6)):
+        return "invalid STAC item (bbox missing or malformed)"
+    if not isinstance(item.get("assets"), dict):
+        return "invalid STAC item (no assets)"
+    return ""
+
+
 def normalise_item(
     item: dict[str, Any], cfg: BuildConfig, aoi_shape: Any, cat: ResolvedCatalog
 ) -> tuple[Scene | None, str]:
     """Turn a STAC item into a `Scene`, or return (None, reason) when it cannot be used."""
+    bad = validate_item(item)
+    if bad:
+        return None, bad
     s = sensor()
     props = item.get("properties", {})
     iid = str(item.get("id", ""))

@@ -201,6 +201,18 @@ def _stop(proc: subprocess.Popen[str], grace: float = 10.0) -> None:
             proc.wait()
 
 
+def _die_with_parent() -> None:
+    """In the child: ask Linux to SIGTERM the server when the pipeline process dies, even by
+    kill -9, so no orphaned server outlives an interrupted build (prctl PR_SET_PDEATHSIG)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the server still stops on normal exits
+        pass
+
+
 @contextlib.contextmanager
 def serve_static_catalog(
     catalog_json: Path, host: str = "127.0.0.1", port: int = 0, *, timeout: float = 60.0
@@ -229,7 +241,10 @@ def serve_static_catalog(
     cmd = [sys.executable, "-m", "pipeline.stac_server", str(path), "--host", host, "--port", str(port)]
     with tempfile.NamedTemporaryFile("w+", prefix="stac-server-", suffix=".log", delete=False) as errf:
         err_path = Path(errf.name)
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL, text=True, env=env)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=errf, stdin=subprocess.DEVNULL, text=True, env=env,
+            preexec_fn=_die_with_parent,
+        )
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:  # drain stdout so the child can never block on a full pipe

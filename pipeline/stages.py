@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections import Counter
@@ -34,9 +35,9 @@ from pipeline import __version__
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig, TilingSpec
 from pipeline.catalogs import Source
-from pipeline.cube import GDAL_CLOUD_ENV, Unit, cube_path, existing_cube, group_units, load_unit, write_cube
+from pipeline.cube import GDAL_CLOUD_ENV, Unit, check_scene_assets, clear_gdal_http_cache, cube_path, existing_cube, group_units, load_unit, write_cube
 from pipeline import storage
-from pipeline.errors import NoScenesFound, OutputError
+from pipeline.errors import NoScenesFound, OutputError, SceneError, ScenesFailed
 from pipeline.locking import dataset_lock
 from pipeline.search import SearchResult, open_catalog, search
 from pipeline.signing import make_patch_url
@@ -65,6 +66,7 @@ class BuildSummary:
     up_to_date: bool = False
     dry_run: bool = False
     nothing_new: bool = False
+    failed: dict[str, str] = field(default_factory=dict)  # scene id -> reason
     version: int = 0
     bytes_published: int = 0
     t0: float = field(default_factory=time.monotonic)
@@ -257,22 +259,88 @@ def _build_locked(
         man = None
 
     source = {"catalog": result.catalog, "collection": result.collection}
-    patch_url = make_patch_url(src.sign, src.token_url) if src else None
+    if cfg.sign:
+        patch_url = make_patch_url(cfg.sign, cfg.token_url)
+    else:
+        patch_url = make_patch_url(src.sign, src.token_url) if src else None
+    failed: dict[str, str] = state.data.setdefault("failed", {})  # unit id -> reason, kept across resumes
     with _dask_client(cfg, src):
+        _clear_http_caches()  # a long-lived process must not answer from an earlier build's cache
         for u in tqdm(units, desc="cubes", unit="grid", disable=None):
+            if u.id in failed:
+                continue  # decided in an earlier attempt of this build: keep the enumeration stable
             path = cube_path(out, u, version)
-            if existing_cube(path, u.cube_hash(cfg)) is None:
-                write_cube(load_unit(u, cfg, patch_url=patch_url), path, cfg)
+            if existing_cube(path, u.cube_hash(cfg)) is not None:
+                continue
+            reason = _cube_with_retry(u, cfg, path, patch_url)
+            if reason:
+                failed[u.id] = reason
+                state.save()
+                log.warning("skipping %s (%d scene(s)): %s", u.id, len(u.scenes), reason)
+                if cfg.fail_fast:
+                    raise ScenesFailed(f"{u.scenes[0].id}: {reason} (--fail-fast; run again without it to skip and go on)")
     _remove_stale_cubes(out, units, version)
+    summary.failed = {sc.id: failed[u.id] for u in units if u.id in failed for sc in u.scenes}
+    units = [u for u in units if u.id not in failed]
 
     added: dict[str, Any] = {}
     for spec in cfg.tiling:
         added[spec.name] = _write_dataset(out, spec, cfg, units, state, summary, source, version)
     summary.bytes = sum(sh["bytes"] for d in added.values() for sp in d["splits"].values() for sh in sp["shards"])
     manifest = _manifest(cfg, man if refresh else None, version, s_hash, result, units, added, summary, out)
+    if not units:
+        raise ScenesFailed(f"every scene failed ({len(summary.failed)}); nothing published; first: "
+                           + next(iter(summary.failed.values()), "?"))
     write_json_atomic(out / "manifest.json", manifest)
     shutil.rmtree(state.dir, ignore_errors=True)
     summary.version = version
+
+
+def _cube_with_retry(u: Unit, cfg: BuildConfig, path: Path, patch_url: Any) -> str:
+    """Build one grid's cube, retrying transient failures with exponential backoff.
+
+    Returns '' on success, else the reason the grid's scenes are skipped. Contradictory
+    metadata (`SceneError`) is not retried: it will not heal.
+    """
+    last: BaseException | None = None
+    for attempt in range(cfg.retries + 1):
+        try:
+            for sc in u.scenes:
+                check_scene_assets(sc, patch_url=patch_url)
+            write_cube(load_unit(u, cfg, patch_url=patch_url), path, cfg)
+            return ""
+        except SceneError as e:
+            return e.reason
+        except Exception as e:  # HTTP errors, resets, truncated files: GDAL/odc-stac raise many types
+            last = e
+            signer = getattr(patch_url, "__self__", None)
+            if signer is not None and "403" in str(e):
+                signer.token(force=True)  # an expired or revoked signature: sign again
+            _clear_http_caches()
+            if attempt < cfg.retries:
+                delay = cfg.retry_backoff_s * 2**attempt
+                log.info("%s: attempt %d failed (%s); retrying in %.1f s", u.id, attempt + 1, _short(e), delay)
+                time.sleep(delay)
+    return f"read failed after {cfg.retries + 1} attempts: {_short(last)}"
+
+
+def _clear_http_caches() -> None:
+    """Clear GDAL's HTTP cache here and on every Dask worker before a retry."""
+    clear_gdal_http_cache()
+    try:
+        from distributed import get_client
+
+        get_client().run(clear_gdal_http_cache)
+    except (ValueError, OSError):  # no client, or workers in this process already cleared
+        pass
+
+
+def _short(e: BaseException | None) -> str:
+    from pipeline.signing import strip_query
+
+    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+    # never let a signed URL (token in the query) reach a log or the manifest
+    return re.sub(r"https?://\S+", lambda m: strip_query(m.group(0)), text)
 
 
 def _vdir(version: int) -> str:
@@ -445,8 +513,11 @@ def _manifest(
             "version": version,
         }
         for sc in result.scenes
-        if sc.id in grid_of or prev is None
+        if sc.id in grid_of or sc.id in summary.failed or prev is None
     ]
+    for it in new_items:
+        if it["id"] in summary.failed:
+            it["failed"] = summary.failed[it["id"]]
     versions = list(prev.get("versions", [])) if prev else []
     entry: dict[str, Any] = {
         "version": version,
@@ -454,6 +525,7 @@ def _manifest(
         "config_hash": cfg.hash(),
         "scenes_hash": s_hash,
         "items": sorted(grid_of),
+        "failed": [{"id": k, "reason": v} for k, v in sorted(summary.failed.items())],
         "datasets": {},
     }
     for name, d in added.items():
@@ -502,7 +574,12 @@ def _manifest(
         "source": {"catalog": result.catalog, "collection": result.collection},
         "datasets": datasets,
         "versions": versions,
-        "scenes": {"found": summary.found, "used": summary.used, "rejected": dict(summary.rejected)},
+        "scenes": {
+            "found": summary.found,
+            "used": summary.used - len(summary.failed),
+            "rejected": dict(summary.rejected),
+            "failed": len(summary.failed),
+        },
         "items": items,
         "summary": {"chips": chips, "bytes": summary.bytes, "seconds": round(time.monotonic() - summary.t0, 2)},
     }

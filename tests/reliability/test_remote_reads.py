@@ -1,0 +1,152 @@
+"""COGs read over real HTTP from a server on 127.0.0.1 that injects faults."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline.build_shards import main
+from tests.helpers.faulty_http import FaultPolicy, rewrite_hrefs_to_http, serve_files
+from tests.helpers.paths import REPO
+from tests.pipeline.conftest import read_dataset, shard_files
+
+IRELAND_PATCHES = 4  # the sample patches on tile 29UPU
+
+
+def _config(tmp: Path, **extra: object) -> Path:
+    cfg = {"aoi": "ireland", "tiling": [96], "retries": 4, "retry_backoff_s": 0.2, **extra}
+    p = tmp / f"cfg-{len(list(tmp.glob('cfg-*')))}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+@pytest.fixture(scope="module")
+def http_catalog(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, FaultPolicy, Path]]:
+    """The sample catalog with every COG served over HTTP; the policy is changed per test."""
+    d = tmp_path_factory.mktemp("http")
+    cat = d / "catalog"
+    shutil.copytree(REPO / "catalogs" / "sample", cat)
+    policy = FaultPolicy()
+    with serve_files(cat, policy) as (url, _):
+        rewrite_hrefs_to_http(cat, url)
+        clean = d / "clean"
+        assert main(["--catalog", str(cat / "catalog.json"), "--config", str(_config(d)), "--output", str(clean)]) == 0
+        assert policy.requests > 0 and not policy.injected
+        yield cat / "catalog.json", policy, clean
+
+
+def _reset(policy: FaultPolicy, **kw: object) -> None:
+    policy.rate, policy.injected, policy.requests, policy.always_fail, policy.token_check = 0.0, type(policy.injected)(), 0, set(), None
+    for k, v in kw.items():
+        setattr(policy, k, v)
+    policy.__post_init__()
+
+
+def test_twenty_percent_transient_faults_same_dataset(http_catalog, tmp_path: Path, report) -> None:  # type: ignore[no-untyped-def]
+    cat, policy, clean = http_catalog
+    _reset(policy, rate=0.2, seed=1)
+    out = tmp_path / "faulty"
+    rc = main(["--catalog", str(cat), "--config", str(_config(tmp_path)), "--output", str(out)])
+    injected = sum(policy.injected.values())
+    report("20% transient HTTP faults", f"{injected}/{policy.requests} requests ({dict(policy.injected)})",
+           f"exit {rc}, identical dataset: {rc == 0 and shard_files(out) == shard_files(clean)}")
+    assert injected >= 10 and set(policy.injected) >= {"http500", "http503", "reset", "truncated"}
+    assert rc == 0
+    a, b = read_dataset(clean), read_dataset(out)
+    assert sorted(a) == sorted(b) and len(a) >= 3
+    for k in a:
+        np.testing.assert_array_equal(a[k]["npy"], b[k]["npy"])
+        assert a[k]["json"] == b[k]["json"]
+    assert shard_files(out) == shard_files(clean)
+
+
+def test_scene_that_keeps_failing_is_skipped_and_recorded(http_catalog, tmp_path: Path, report, caplog) -> None:  # type: ignore[no-untyped-def]
+    cat, policy, clean = http_catalog
+    bad = "S2A_MSIL2A_20170617T113321_4_55"
+    _reset(policy, always_fail={f"{bad}_B05.tif"})
+    out = tmp_path / "skip"
+    with caplog.at_level(logging.INFO):
+        rc = main(["--catalog", str(cat), "--config", str(_config(tmp_path, retries=1)), "--output", str(out)])
+    man = json.loads((out / "manifest.json").read_text())
+    report("one scene's COG always HTTP 500", f"{policy.injected['always_fail']} requests",
+           f"exit {rc}, manifest failed={[f['id'] for f in man['versions'][0]['failed']]}")
+    assert rc == 5
+    (failed,) = man["versions"][0]["failed"]
+    assert failed["id"] == bad and "read failed after 2 attempts" in failed["reason"]
+    assert man["scenes"]["failed"] == 1
+    got = {s["json"]["scene_ids"][0] for s in read_dataset(out).values()}
+    want = {s["json"]["scene_ids"][0] for s in read_dataset(clean).values()} - {bad}
+    assert got == want
+    assert "1 scene(s) could not be read" in caplog.text
+
+
+def test_fail_fast_stops_at_first_failure(http_catalog, tmp_path: Path, report) -> None:  # type: ignore[no-untyped-def]
+    cat, policy, _ = http_catalog
+    _reset(policy, always_fail={"_B05.tif"})
+    out = tmp_path / "ff"
+    rc = main(["--catalog", str(cat), "--config", str(_config(tmp_path, retries=0)), "--output", str(out), "--fail-fast"])
+    report("--fail-fast with a failing scene", "HTTP 500 on every B05", f"exit {rc}, manifest written: {(out / 'manifest.json').exists()}")
+    assert rc == 5 and not (out / "manifest.json").exists()
+
+
+@pytest.fixture
+def token_server() -> Iterator[tuple[str, list[str]]]:
+    issued: list[str] = []
+
+    class H(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            tok = f"sig=secret-{len(issued) + 1}"
+            issued.append(tok)
+            exp = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
+            body = json.dumps({"msft:expiry": exp, "token": tok}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/token", issued
+    srv.shutdown()
+
+
+def test_expired_signature_is_renewed(http_catalog, token_server, tmp_path: Path, report, capfd) -> None:  # type: ignore[no-untyped-def]
+    """The storage revokes the first token after 30 requests (403): the run re-signs and finishes."""
+    cat, policy, clean = http_catalog
+    token_url, issued = token_server
+    seen = {"n": 0}
+
+    def check(q: dict[str, list[str]]) -> bool:
+        sig = (q.get("sig") or [""])[0]
+        seen["n"] += 1
+        if sig == "secret-1":
+            return seen["n"] <= 30  # token 1 "expires" mid-run
+        return sig.startswith("secret-")
+
+    _reset(policy, token_check=check)
+    out = tmp_path / "signed"
+    cfg = _config(tmp_path, sign="planetary_computer", token_url=token_url)
+    rc = main(["--catalog", str(cat), "--config", str(cfg), "--output", str(out)])
+    report("signature expires mid-run (HTTP 403)", f"{policy.forbidden} requests refused",
+           f"exit {rc}, tokens issued {len(issued)}, identical dataset: {shard_files(out) == shard_files(clean)}")
+    assert rc == 0 and policy.forbidden > 0 and len(issued) >= 2
+    assert shard_files(out) == shard_files(clean)
+    # tokens never reach logs or the manifest
+    logs = capfd.readouterr()
+    text = logs.out + logs.err + (out / "manifest.json").read_text()
+    assert "secret-" not in text
+    for p in out.rglob("*.json"):
+        assert "secret-" not in p.read_text()
