@@ -69,6 +69,21 @@ def stats_from_histogram(hist: np.ndarray) -> dict[str, Any]:
     return out
 
 
+def save_hist(path: Path, hist: np.ndarray) -> None:
+    """Store a [C, 65536] histogram sparsely (a few thousand non-zero bins; 6 MB dense)."""
+    nz = np.nonzero(hist)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, shape=np.array(hist.shape), band=nz[0].astype(np.int16), value=nz[1].astype(np.uint16), count=hist[nz])
+    os.replace(tmp, path)
+
+
+def load_hist(path: Path) -> np.ndarray:
+    with np.load(path, allow_pickle=False) as z:
+        hist = np.zeros(tuple(z["shape"]), dtype=np.int64)
+        hist[z["band"].astype(np.int64), z["value"].astype(np.int64)] = z["count"]
+    return hist
+
+
 @dataclass
 class ShardRecord:
     path: str  # relative to the dataset root

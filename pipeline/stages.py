@@ -42,7 +42,7 @@ from pipeline.locking import dataset_lock
 from pipeline.search import SearchResult, open_catalog, search
 from pipeline.signing import make_patch_url
 from pipeline.storage import is_url, staging_dir
-from pipeline.shards import N_BINS, ShardRecord, ShardWriter, stats_from_histogram, write_json_atomic
+from pipeline.shards import N_BINS, load_hist, save_hist, ShardRecord, ShardWriter, stats_from_histogram, write_json_atomic
 from pipeline.tiling import Chip, Dropped, iter_chips, positions, small_scene_shape
 
 log = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ class WorkState:
         write_json_atomic(self.path, self.data)
 
     def hist_path(self, shard_path: str) -> Path:
-        return self.dir / "hist" / f"{shard_path.replace('/', '__')}.npy"
+        return self.dir / "hist" / f"{shard_path.replace('/', '__')}.npz"
 
 
 def scenes_hash(units: list[Unit] | None = None, ids: list[str] | None = None) -> str:
@@ -412,7 +412,7 @@ def _write_dataset(
             if hist is not None:
                 hp = state.hist_path(rec.path)
                 hp.parent.mkdir(parents=True, exist_ok=True)
-                np.save(hp, hist)
+                save_hist(hp, hist)
             w = ds_state["writers"][split]
             w["shards"].append(rec.to_json())
             w["index"] = writers[split].index
@@ -466,11 +466,11 @@ def _write_dataset(
     summary.chips[spec.name] = {s: splits[s]["num_samples"] for s in SPLITS}
     hist = np.zeros((len(sensor().band_names), N_BINS), dtype=np.int64)
     for sh in splits["train"]["shards"]:
-        hist += np.load(state.hist_path(sh["path"]))
+        hist += load_hist(state.hist_path(sh["path"]))
     # this version's train histogram is kept: statistics of any version = sum of versions <= it
-    hp = out / "stats" / f"{spec.name}-{_vdir(version)}.npy"
+    hp = out / "stats" / f"{spec.name}-{_vdir(version)}.npz"
     hp.parent.mkdir(parents=True, exist_ok=True)
-    np.save(hp, hist)
+    save_hist(hp, hist)
     n_bands = len(sensor().band_names)
     shape = [n_bands, spec.size, spec.size] if spec.time_steps == 1 else [spec.time_steps, n_bands, spec.size, spec.size]
     return {
@@ -588,9 +588,9 @@ def _manifest(
 def _stats_upto(out: Path, name: str, version: int) -> dict[str, Any] | None:
     hist = None
     for v in range(1, version + 1):
-        p = out / "stats" / f"{name}-{_vdir(v)}.npy"
+        p = out / "stats" / f"{name}-{_vdir(v)}.npz"
         if p.is_file():
-            h = np.load(p)
+            h = load_hist(p)
             hist = h if hist is None else hist + h
     if hist is None or hist.sum() == 0:
         return None
