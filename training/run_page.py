@@ -1,0 +1,564 @@
+"""``python -m training.run_page RUN_DIR``: a static HTML page to judge a pretraining run by eye.
+
+Examples::
+
+    python -m training.run_page runs/tiny_cpu                  # -> runs/tiny_cpu/report/index.html
+    python -m training.run_page runs/base_gpu --out /tmp/base-page
+
+The trainer writes the same page at the end of every stage (rank 0, through
+:func:`training.report.plot_loss_curve`). It reads only what the run directory already
+holds (see ``training/PRETRAIN.md``, "Outputs"):
+
+- ``metrics.jsonl``: ``stage_start`` records (the derived numbers of each stage) and one
+  record per log interval (loss terms, LR, throughput, step time, data wait);
+- ``config.yaml``, ``checkpoints/latest`` + ``trainer_state.json``, ``export/``, ``train.log``;
+- ``images/<stage>_step<N>.png`` and ``..._groups.png`` from
+  :func:`training.report.save_reconstruction`.
+
+The page (``index.html`` plus PNGs, built with :mod:`pipeline.report_html`: no scripts, no
+network references, print rules for A4) shows a run summary with the stage table, the loss
+curves (total and both terms) with stage boundaries marked, the learning rate and gradient
+norm, throughput (samples/s, tokens/s) with step time and data wait, the latest
+reconstruction of each stage (true colour and per spectral group), and the end of the log.
+
+Exit codes: 0 written, 2 bad input (no run directory or no ``metrics.jsonl``, output in the
+way); nothing is written then. 1 means a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pipeline.report_html import (
+    COPERNICUS_CREDIT,
+    PALETTE,
+    Cell,
+    Page,
+    Png,
+    atomic_dir,
+    esc,
+    figure_html,
+    fmt_num,
+    key_values,
+    new_figure,
+    png_info,
+    save_png,
+    table,
+)
+from training import report
+from training.errors import TrainingError
+
+logger = logging.getLogger(__name__)
+
+#: Reconstruction PNGs written by the trainer: ``<stage>_step<global step>.png``.
+IMAGE_NAME = re.compile(r"^(?P<stage>.+)_step(?P<step>\d+)\.png$")
+#: Widest figure on the page in CSS pixels (the main column is 1240 px minus padding).
+MAX_WIDTH = 1100
+LOG_TAIL = 25
+#: Band order of the shards (the pipeline -> trainer contract, as in ``training/export.py``).
+SHARD_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+
+
+class RunPageError(TrainingError):
+    """The run directory cannot be reported on (missing, or no ``metrics.jsonl``)."""
+
+
+@dataclass(frozen=True)
+class Reconstruction:
+    """One reconstruction PNG of the trainer and its per-group companion (None if absent)."""
+
+    stage: str
+    step: int
+    rgb: Path
+    groups: Path | None
+
+
+@dataclass
+class Run:
+    """Everything the page shows, read from a run directory."""
+
+    run_dir: Path
+    records: list[dict[str, Any]]
+    """Loss records, one per log interval, superseded ones removed (:func:`report.step_records`)."""
+    starts: dict[str, dict[str, Any]]
+    """Stage name -> its latest ``stage_start`` record, in run order."""
+    resumes: int
+    bad_lines: int
+    """Lines of ``metrics.jsonl`` that are not JSON (a line being written, or damage)."""
+    config: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] | None = None
+    """``trainer_state.json`` of ``checkpoints/latest`` plus ``tag``; None without one."""
+    images: list[Reconstruction] = field(default_factory=list)
+    exports: list[Path] = field(default_factory=list)
+    log_tail: list[str] = field(default_factory=list)
+    log_warnings: int = 0
+
+    @property
+    def name(self) -> str:
+        return str(self.config.get("name") or self.run_dir.resolve().name)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Stages of the config (or, without one, those that started), in run order."""
+        names = [s.get("name") for s in self.config.get("stages") or [] if isinstance(s, dict)]
+        return [str(n) for n in names if n] or list(self.starts)
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read a run directory. Raises RunPageError when it has no ``metrics.jsonl``."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunPageError(f"run directory {run_dir} does not exist (expected runs/<name>)")
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise RunPageError(f"no metrics.jsonl in {run_dir}: not a run directory, or the run has "
+                           f"not logged yet (the trainer writes it at the start of each stage)")
+    raw, bad = [], 0
+    for line in metrics.read_text(encoding="utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("step"), int):
+            raw.append(rec)
+        else:
+            bad += 1
+    starts: dict[str, dict[str, Any]] = {}
+    resumes = 0
+    for rec in raw:
+        if rec.get("event") == "stage_start":
+            starts[str(rec.get("stage"))] = rec
+            resumes += rec.get("resumed_at_stage_step") is not None
+    run = Run(run_dir, report.step_records(raw), starts, resumes, bad)
+    run.config = _read_yaml(run_dir / "config.yaml")
+    run.checkpoint = _latest_checkpoint(run_dir / "checkpoints")
+    run.images = _reconstructions(run_dir / "images")
+    if (run_dir / "export").is_dir():
+        run.exports = sorted(p for p in (run_dir / "export").iterdir()
+                             if p.is_file() and p.suffix in (".safetensors", ".pt"))
+    log_path = run_dir / "train.log"
+    if log_path.is_file():
+        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        run.log_tail = lines[-LOG_TAIL:]
+        run.log_warnings = sum(" WARNING " in ln or " ERROR " in ln for ln in lines)
+    return run
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _latest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
+    try:
+        tag = (ckpt_dir / "latest").read_text().strip()
+        state = json.loads((ckpt_dir / tag / "trainer_state.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    state.pop("config", None)
+    state.pop("data_position", None)
+    return {"tag": tag, **state}
+
+
+def _reconstructions(image_dir: Path) -> list[Reconstruction]:
+    """The trainer's reconstruction PNGs, oldest first (by global step)."""
+    found = []
+    for p in image_dir.glob("*.png") if image_dir.is_dir() else ():
+        m = IMAGE_NAME.match(p.name)
+        if m is None or p.stem.endswith(report.GROUPS_SUFFIX):
+            continue
+        groups = report.groups_path(p)
+        found.append(Reconstruction(m["stage"], int(m["step"]), p,
+                                    groups if groups.is_file() else None))
+    return sorted(found, key=lambda r: (r.step, r.stage))
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _spans(run: Run) -> list[tuple[str, int, int]]:
+    return report.stage_spans(run.records)
+
+
+def plot_loss(run: Run, path: Path) -> Png:
+    return save_png(report.loss_figure(run.records, width_in=11, height_in=4.6), path)
+
+
+def plot_lr(run: Run, path: Path) -> Png:
+    """LR (linear) and, when logged, gradient norm (log) against the global step."""
+    steps = [r["step"] for r in run.records]
+    norms = [(r["step"], r["grad_norm"]) for r in run.records if r.get("grad_norm") is not None]
+    fig = new_figure(11, 5.2 if norms else 3.0)
+    axes = fig.subplots(2 if norms else 1, 1, sharex=True, squeeze=False)[:, 0]
+    axes[0].plot(steps, [r["lr"] for r in run.records], color=PALETTE[0], lw=1.4)
+    axes[0].set_ylabel("learning rate")
+    axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    if norms:
+        axes[1].plot(*zip(*norms), color=PALETTE[5], lw=1.2)
+        axes[1].set_ylabel("gradient norm\n(before clipping)")
+        axes[1].set_yscale("log")
+    for i, ax in enumerate(axes):
+        report.mark_stages(ax, _spans(run), label=i == 0)
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[-1].set_xlabel("optimizer step (whole run)")
+    return save_png(fig, path)
+
+
+def plot_throughput(run: Run, path: Path) -> Png:
+    """Samples/s, tokens/s, and step time with the part spent waiting for data."""
+    steps = [r["step"] for r in run.records]
+    fig = new_figure(11, 7.0)
+    axes = fig.subplots(3, 1, sharex=True)
+    axes[0].plot(steps, [r["samples_per_s"] for r in run.records], color=PALETTE[0], lw=1.4)
+    axes[0].set_ylabel("samples / s")
+    axes[1].plot(steps, [r["tokens_per_s"] for r in run.records], color=PALETTE[2], lw=1.4)
+    axes[1].set_ylabel("tokens / s")
+    step_time = [r["step_time_s"] for r in run.records]
+    wait = [r["data_wait_s"] for r in run.records]
+    axes[2].fill_between(steps, 0, wait, color=PALETTE[1], alpha=0.6, lw=0, label="waiting for data")
+    axes[2].plot(steps, step_time, color="#000000", lw=1.4, label="step time")
+    axes[2].set_ylabel("seconds per step")
+    axes[2].legend(fontsize=8, loc="upper right", framealpha=0.9)
+    for i, ax in enumerate(axes):
+        report.mark_stages(ax, _spans(run), label=i == 0)
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3, lw=0.5)
+    axes[-1].set_xlabel("optimizer step (whole run)")
+    return save_png(fig, path)
+
+
+# --------------------------------------------------------------------------- page
+
+
+def _by_stage(run: Run) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in run.records:
+        out.setdefault(r["stage"], []).append(r)
+    return out
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _millions(n: Any) -> str | None:
+    return f"{n / 1e6:.2f} M ({fmt_num(int(n))})" if isinstance(n, int) else None
+
+
+def _when(t: Any) -> str | None:
+    if not isinstance(t, (int, float)):
+        return None
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
+
+
+def _duration(seconds: float) -> str:
+    s = int(max(seconds, 0))
+    h, rem = divmod(s, 3600)
+    return f"{h} h {rem // 60:02d} min" if h else f"{rem // 60} min {rem % 60:02d} s"
+
+
+def _done(run: Run, stage: str) -> int:
+    """Optimizer steps done in ``stage``: the logged ones, or the checkpoint's if further."""
+    logged = max((r["stage_step"] for r in run.records if r["stage"] == stage), default=0)
+    ck = run.checkpoint or {}
+    saved = ck.get("step_in_stage", 0) if ck.get("stage_name") == stage else 0
+    start = run.starts.get(stage, {}).get("resumed_at_stage_step") or 0
+    return max(logged, saved, start)
+
+
+def _summary(run: Run, page: Page) -> None:
+    last = run.records[-1] if run.records else None
+    last_start = next(reversed(run.starts.values()), {}) if run.starts else {}
+    model = run.config.get("model") or {}
+    names = run.stage_names
+    planned = [run.starts[n].get("steps") for n in names if n in run.starts]
+    ck = run.checkpoint
+    step = max((last or {}).get("step", 0), (ck or {}).get("global_step", 0))
+    finished = bool(names) and names[-1] in run.starts and \
+        _done(run, names[-1]) >= (run.starts[names[-1]].get("steps") or 1 << 62)
+    current = (last or {}).get("stage") or (ck or {}).get("stage_name") or "\u2014"
+    state = "finished" if finished else (
+        f"stage {names.index(current) + 1} of {len(names)}" if current in names else "started")
+    headline = f'<strong><span id="step-count">{step}</span> optimizer steps</strong> \u00b7 {esc(state)}'
+    if len(planned) == len(names) and all(isinstance(p, int) for p in planned):
+        headline += f" \u00b7 {fmt_num(sum(planned))} planned"  # type: ignore[arg-type]
+    if last:
+        headline += (f" \u00b7 {fmt_num(last['samples'])} samples seen \u00b7 loss "
+                     f"<strong>{fmt_num(last['loss'])}</strong> (token {fmt_num(last['loss_token'])}, "
+                     f"spectral {fmt_num(last['loss_spectral'])})")
+    page.headline = headline
+    times = [r["time"] for r in run.records if isinstance(r.get("time"), (int, float))]
+    zero = last_start.get("zero_stage")
+    pairs: list[tuple[str, Any]] = [
+        ("run directory", Cell(f"<code>{esc(run.run_dir)}</code>")),
+        ("model", f"{model.get('preset', '?')} preset: embed {model.get('embed_dim', '?')}, depth "
+                  f"{model.get('depth', '?')}, decoder {model.get('decoder_embed_dim', '?')} x "
+                  f"{model.get('decoder_depth', '?')}, patch {model.get('patch_size', '?')} px x "
+                  f"{model.get('band_patch_size', '?')} bands, mask ratio {model.get('mask_ratio', '?')}"
+         if model else None),
+        ("parameters", " \u00b7 ".join(f"{k} {v}" for k, v in (
+            ("total", _millions(last_start.get("params_total"))),
+            ("encoder", _millions(last_start.get("params_encoder"))),
+            ("decoder", _millions(last_start.get("params_decoder")))) if v) or None),
+        ("loss", f"{model.get('token_loss_weight', 1)} \u00d7 token MSE + "
+                 f"{model.get('spectral_loss_weight', 1)} \u00d7 spectral-group-sum MSE"
+                 + (" (normalised pixels)" if model.get("norm_pix_loss") else "")),
+        ("processes", f"{last_start.get('world_size')} on {last_start.get('device')}"
+         if last_start else None),
+        ("precision, ZeRO", f"{'bf16' if last_start.get('bf16') else 'fp32'}, ZeRO-{zero}"
+         if zero is not None else None),
+        ("normalisation", run.config.get("normalisation") or last_start.get("normalisation")),
+        ("seed", run.config.get("seed")),
+        ("latest checkpoint", Cell(
+            f"<code>{esc(ck['tag'])}</code> \u00b7 stage {esc(ck.get('stage_name'))}, step "
+            f"{esc(ck.get('step_in_stage'))}/{esc(ck.get('stage_steps'))} \u00b7 "
+            f"{esc(fmt_num(ck.get('samples_seen')))} samples \u00b7 {esc(ck.get('world_size'))} processes"
+        ) if ck else "none yet"),
+        ("exported weights", ", ".join(p.name for p in run.exports) or None),
+        ("logged", f"{_when(min(times))} to {_when(max(times))} ({_duration(max(times) - min(times))})"
+         if times else None),
+        ("resumed", f"{run.resumes} time(s)" if run.resumes else None),
+    ]
+    rows = []
+    for name in names:
+        s = run.starts.get(name)
+        recs = _by_stage(run).get(name, [])
+        if s is None:
+            rows.append([name, *([None] * 8), Cell('<span class="muted">not started</span>')])
+            continue
+        done, steps = _done(run, name), s.get("steps")
+        rows.append([
+            name, s.get("dataset"), s.get("img_size"),
+            Cell(esc(f"{s.get('micro_batch')} \u00d7 {s.get('accumulation')} \u00d7 {s.get('world_size')}"
+                     f" = {s.get('effective_batch')}"), True),
+            s.get("blr"), s.get("lr"), s.get("warmup_steps"),
+            Cell(f"{fmt_num(done)} / {fmt_num(steps)}", True), s.get("tokens_per_step"),
+            recs[-1]["loss"] if recs else None,
+        ])
+    warn = []
+    if run.bad_lines:
+        warn.append(f'<p class="warn">{run.bad_lines} line(s) of metrics.jsonl are not JSON records '
+                    "and were skipped (a line being written, or a damaged file).</p>")
+    if not run.records:
+        warn.append('<p class="warn">No loss logged yet: the first record appears after '
+                    f"log_every = {esc(run.config.get('log_every', '?'))} steps.</p>")
+    cfg_text = ""
+    if (run.run_dir / "config.yaml").is_file():
+        cfg_text = ('<details><summary>resolved config (config.yaml)</summary><div class="scroll"><pre>'
+                    + esc((run.run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace"))
+                    + "</pre></div></details>")
+    page.section(
+        "summary", "Run summary", key_values(p for p in pairs if p[1] is not None), *warn,
+        table(["stage", "dataset", "px", "batch", "blr", "peak LR", "warm-up", "steps",
+               "tokens / step", "last loss"], rows,
+              caption="stages: batch = micro-batch \u00d7 accumulation \u00d7 processes = effective "
+                      "batch; peak LR = blr \u00d7 effective batch / 256; warm-up and steps in "
+                      "optimizer steps (done / planned)",
+              numeric=(2, 3, 4, 5, 6, 7, 8, 9), table_id="stages"),
+        cfg_text,
+    )
+
+
+def _loss_section(run: Run, page: Page, png: Png | None) -> None:
+    if png is None:
+        page.section("loss", "Loss", '<p class="note">No loss logged yet.</p>')
+        return
+    rows = []
+    for stage, recs in _by_stage(run).items():
+        row: list[Any] = [stage, f"{recs[0]['step']}\u2013{recs[-1]['step']}"]
+        for key, _, _ in report.LOSS_TERMS:
+            vals = [r[key] for r in recs]
+            row += [vals[0], vals[-1], min(vals)]
+        rows.append(row)
+    head = [f"{n} {w}" for n in ("total", "token", "spectral") for w in ("first", "last", "min")]
+    page.section(
+        "loss", "Loss",
+        figure_html(png, alt="total loss, token MSE and spectral-group-sum MSE against the step",
+                    max_css_width=MAX_WIDTH, caption=(
+                        "Mean over each log interval. Token MSE: pixels of the masked 3D tokens "
+                        "(the MAE term). Spectral-group-sum MSE: the sums over the spectral groups "
+                        "of prediction and target at every position (the spectral-to-spectral term). "
+                        "Total = their weighted sum. Dashed lines and shading mark the stages; a new "
+                        "stage starts a fresh optimizer and LR warm-up, and sees larger images.")),
+        table(["stage", "steps", *head], rows, caption="loss per stage (first and last logged interval, "
+              "lowest interval mean)", numeric=tuple(range(2, 11)), table_id="loss-per-stage"),
+    )
+
+
+def _throughput_section(run: Run, page: Page, png: Png | None) -> None:
+    if png is None:
+        page.section("throughput", "Throughput", '<p class="note">No steps logged yet.</p>')
+        return
+    rows = []
+    for stage, recs in _by_stage(run).items():
+        step_t = _median([r["step_time_s"] for r in recs])
+        wait = _median([r["data_wait_s"] for r in recs])
+        tokens = _median([r["tokens_per_s"] for r in recs])
+        rows.append([stage, _median([r["samples_per_s"] for r in recs]),
+                     None if tokens is None else round(tokens), step_t, wait,
+                     f"{wait / step_t:.0%}" if wait is not None and step_t else None,
+                     max((r["max_mem_gib"] for r in recs if "max_mem_gib" in r), default=None)])
+    head = ["stage", "samples / s", "tokens / s", "step time s", "data wait s", "wait share",
+            "max GPU memory GiB"]
+    if all(row[-1] is None for row in rows):  # CPU runs record no GPU memory
+        head, rows = head[:-1], [row[:-1] for row in rows]
+    page.section(
+        "throughput", "Throughput",
+        figure_html(png, alt="samples per second, tokens per second, step time and data wait",
+                    max_css_width=MAX_WIDTH, caption=(
+                        "Per log interval, all processes together. Tokens per second count every "
+                        "3D token of a sample (visible and masked). The orange area is the part of "
+                        "a step spent waiting for the next batch: when it approaches the step time "
+                        "the data loader, not the model, limits the run.")),
+        table(head, rows, caption="median per stage", numeric=(1, 2, 3, 4, 5, 6),
+              table_id="throughput-per-stage"),
+        page_break=True,
+    )
+
+
+def _images_section(run: Run, page: Page, pngs: dict[Path, Png]) -> None:
+    latest: dict[str, Reconstruction] = {}
+    for rec in run.images:
+        latest[rec.stage] = rec
+    if not latest:
+        page.section("reconstructions", "Reconstructions",
+                     '<p class="note">No reconstruction images yet (written every image_every '
+                     "steps and at the end of each stage).</p>", page_break=True)
+        return
+    blocks = [f'<p class="note">The latest image of each stage, newest first; {len(run.images)} '
+              "written in all (in images/). Input and masked input are the sample the model saw; "
+              "the reconstruction shows the prediction at the masked tokens with the visible "
+              "pixels pasted back.</p>"]
+    model = run.config.get("model") or {}
+    if model.get("num_bands", 12) == len(SHARD_BANDS):
+        groups = report.spectral_groups(len(SHARD_BANDS), int(model.get("band_patch_size", 3)))
+        blocks.append('<p class="note">Spectral groups (the bands of one token): ' + " \u00b7 ".join(
+            f"G{g + 1}: {' '.join(SHARD_BANDS[i] for i in idx)}" for g, idx in enumerate(groups)) + ".</p>")
+    for rec in sorted(latest.values(), key=lambda r: -r.step):
+        blocks.append(f"<h3>{esc(rec.stage)}, step {rec.step}</h3>")
+        blocks.append(figure_html(pngs[rec.rgb], alt=f"input, masked input and reconstruction in true "
+                                  f"colour, {rec.stage} step {rec.step}", caption=(
+                                      "True colour (B04, B03, B02), one 2-98 % stretch per channel "
+                                      "from the input for all three panels. Grey: hidden values; "
+                                      "B04 belongs to another spectral group than B03 and B02, so it "
+                                      "is hidden apart.")))
+        if rec.groups is not None:
+            blocks.append(figure_html(pngs[rec.groups], alt=f"input, masked input and reconstruction "
+                                      f"per spectral group, {rec.stage} step {rec.step}", caption=(
+                                          "Each spectral group (the bands of one token) as a colour "
+                                          "image: red = its last band, green = the middle one, blue = "
+                                          "the first; one 2-98 % stretch per group from the input. "
+                                          "Each group has its own mask; MSE over its hidden pixels.")))
+        else:
+            blocks.append('<p class="note">No per-group figure for this image (written by a trainer '
+                          "version without it).</p>")
+    page.section("reconstructions", "Reconstructions", *blocks, page_break=True)
+
+
+def _log_section(run: Run, page: Page) -> None:
+    if not run.log_tail:
+        return
+    note = (f'<p class="warn">{run.log_warnings} warning or error line(s) in train.log.</p>'
+            if run.log_warnings else '<p class="note">No warnings or errors in train.log.</p>')
+    page.section("log", "Log", note,
+                 f"<details><summary>last {len(run.log_tail)} lines of train.log</summary>"
+                 f'<div class="scroll"><pre>{esc(chr(10).join(run.log_tail))}</pre></div></details>')
+
+
+def render_page(run: Run, pngs: dict[str, Png | None], images: dict[Path, Png]) -> str:
+    """The page's HTML, referring to PNGs already written into the report directory."""
+    page = Page(f"Pretraining run: {run.name}",
+                subtitle=f"SpectralGPT masked autoencoder \u00b7 {run.run_dir}",
+                credits=[f"{COPERNICUS_CREDIT} (reconstruction images), processed by ESA.",
+                         f"Written by python -m training.run_page at "
+                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {run.run_dir}; static page, "
+                         "no scripts, no network resources."])
+    _summary(run, page)
+    _loss_section(run, page, pngs["loss"])
+    if pngs["lr"] is not None:
+        page.section("lr", "Learning rate", figure_html(
+            pngs["lr"], alt="learning rate and gradient norm against the step", max_css_width=MAX_WIDTH,
+            caption="LR at the last step of each log interval: linear warm-up, then cosine decay to "
+                    "min_lr, restarted per stage. Gradient norm as DeepSpeed reports it, before "
+                    "clipping at grad_clip."))
+    _throughput_section(run, page, pngs["throughput"])
+    _images_section(run, page, images)
+    _log_section(run, page)
+    return page.render()
+
+
+def write_run_page(run_dir: Path, out: Path | None = None) -> Path:
+    """Write ``<run_dir>/report/index.html`` (or ``out/index.html``) and its PNGs; return it.
+
+    The page replaces a previous one atomically (:func:`pipeline.report_html.atomic_dir`).
+
+    Raises:
+        RunPageError: no run directory or no ``metrics.jsonl``.
+        FileExistsError: ``out`` exists and is not a previous page.
+    """
+    run = load_run(Path(run_dir))
+    out = Path(out) if out is not None else run.run_dir / "report"
+    with atomic_dir(out) as tmp:
+        pngs: dict[str, Png | None] = {"loss": None, "lr": None, "throughput": None}
+        if run.records:
+            pngs = {"loss": plot_loss(run, tmp / "loss.png"), "lr": plot_lr(run, tmp / "lr.png"),
+                    "throughput": plot_throughput(run, tmp / "throughput.png")}
+        images: dict[Path, Png] = {}
+        latest = {rec.stage: rec for rec in run.images}
+        for rec in latest.values():
+            for src in (rec.rgb, rec.groups):
+                if src is not None:
+                    dst = tmp / f"recon_{src.name}"
+                    shutil.copyfile(src, dst)
+                    images[src] = png_info(dst)
+        (tmp / "index.html").write_text(render_page(run, pngs, images), encoding="utf-8")
+    return out / "index.html"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry; returns the exit code (0 written, 2 bad input)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m training.run_page",
+        description="Write the static HTML page of a pretraining run (index.html + PNGs): summary, "
+                    "loss terms, LR, throughput, latest reconstructions.")
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, runs/<name>")
+    parser.add_argument("--out", help="page directory (default RUN_DIR/report)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        path = write_run_page(Path(args.run_dir), Path(args.out) if args.out else None)
+    except (RunPageError, FileExistsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write the page: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
