@@ -7,7 +7,9 @@ PNGs are written atomically, so a page or a person never sees half a file.
 Reconstructions are two PNGs per call of :func:`save_reconstruction`::
 
     images/<stage>_step<N>.png          input RGB | masked input | reconstruction
-    images/<stage>_step<N>_groups.png   the same three rows for every spectral group
+    images/groups/<stage>_step<N>.png   input, masked input, reconstruction of every spectral group
+
+(a subfolder, so ``images/*.png`` still lists one file per reconstruction).
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ logger = logging.getLogger(__name__)
 
 #: Sentinel-2 true colour: red, green, blue.
 RGB_BANDS = ("B04", "B03", "B02")
-#: Suffix of the per-spectral-group figure next to each reconstruction PNG.
-GROUPS_SUFFIX = "_groups"
+#: Subfolder of ``images/`` holding the per-spectral-group figure of each reconstruction.
+GROUPS_DIR = "groups"
 #: Loss keys of a metrics record, with the label and colour used in every plot.
 LOSS_TERMS = (("loss", "total", "#000000"), ("loss_token", "token MSE (masked tokens)", PALETTE[0]),
               ("loss_spectral", "spectral-group-sum MSE", PALETTE[1]))
@@ -46,6 +48,7 @@ class MetricsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
+        """Append ``record`` as one JSON line."""
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
 
@@ -105,6 +108,8 @@ def loss_figure(records: Sequence[dict[str, Any]], *, width_in: float = 7.0,
 
     Args:
         records: loss records as :func:`step_records` returns them (non-empty).
+        width_in: figure width in inches (100 px each).
+        height_in: figure height in inches.
     """
     fig = new_figure(width_in, height_in)
     ax = fig.add_subplot()
@@ -144,7 +149,7 @@ def write_run_page_quietly(run_dir: Path) -> Path | None:
 
     try:
         path = write_run_page(run_dir)
-    except Exception as exc:  # noqa: BLE001 - a report must never end a training run
+    except Exception as exc:  # a report must never end a training run
         logger.warning("could not write the run page of %s: %s: %s", run_dir,
                        type(exc).__name__, exc)
         return None
@@ -174,7 +179,7 @@ def spectral_groups(num_bands: int, band_patch_size: int = 3) -> list[list[int]]
 
 def groups_path(path: Path) -> Path:
     """Where :func:`save_reconstruction` puts the per-group figure of the PNG ``path``."""
-    return path.with_name(f"{path.stem}{GROUPS_SUFFIX}{path.suffix}")
+    return path.parent / GROUPS_DIR / path.name
 
 
 def _stretch(img: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float) -> np.ndarray:
@@ -220,7 +225,7 @@ def save_reconstruction(path: Path, image: np.ndarray, recon: np.ndarray, mask: 
               (f"masked ({hidden.mean():.0%} of RGB values hidden)", masked),
               ("reconstruction + visible", _stretch(rgb_out, lo, hi))]
     fig = new_figure(9, 3.4)
-    for ax, (name, img) in zip(fig.subplots(1, 3), panels):
+    for ax, (name, img) in zip(fig.subplots(1, 3), panels, strict=True):
         ax.imshow(img, interpolation="nearest")
         ax.set_title(name, fontsize=9)
         ax.axis("off")

@@ -12,7 +12,7 @@ holds (see ``training/PRETRAIN.md``, "Outputs"):
 - ``metrics.jsonl``: ``stage_start`` records (the derived numbers of each stage) and one
   record per log interval (loss terms, LR, throughput, step time, data wait);
 - ``config.yaml``, ``checkpoints/latest`` + ``trainer_state.json``, ``export/``, ``train.log``;
-- ``images/<stage>_step<N>.png`` and ``..._groups.png`` from
+- ``images/<stage>_step<N>.png`` and ``images/groups/<stage>_step<N>.png`` from
   :func:`training.report.save_reconstruction`.
 
 The page (``index.html`` plus PNGs, built with :mod:`pipeline.report_html`: no scripts, no
@@ -108,6 +108,7 @@ class Run:
 
     @property
     def name(self) -> str:
+        """The run's name from its config, else the directory's name."""
         return str(self.config.get("name") or self.run_dir.resolve().name)
 
     @property
@@ -187,7 +188,7 @@ def _reconstructions(image_dir: Path) -> list[Reconstruction]:
     found = []
     for p in image_dir.glob("*.png") if image_dir.is_dir() else ():
         m = IMAGE_NAME.match(p.name)
-        if m is None or p.stem.endswith(report.GROUPS_SUFFIX):
+        if m is None:
             continue
         groups = report.groups_path(p)
         found.append(Reconstruction(m["stage"], int(m["step"]), p,
@@ -203,6 +204,7 @@ def _spans(run: Run) -> list[tuple[str, int, int]]:
 
 
 def plot_loss(run: Run, path: Path) -> Png:
+    """Total loss and both terms (:func:`training.report.loss_figure`, page width)."""
     return save_png(report.loss_figure(run.records, width_in=11, height_in=4.6), path)
 
 
@@ -216,7 +218,7 @@ def plot_lr(run: Run, path: Path) -> Png:
     axes[0].set_ylabel("learning rate")
     axes[0].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     if norms:
-        axes[1].plot(*zip(*norms), color=PALETTE[5], lw=1.2)
+        axes[1].plot(*zip(*norms, strict=True), color=PALETTE[5], lw=1.2)
         axes[1].set_ylabel("gradient norm\n(before clipping)")
         axes[1].set_yscale("log")
     for i, ax in enumerate(axes):
@@ -237,7 +239,8 @@ def plot_throughput(run: Run, path: Path) -> Png:
     axes[1].set_ylabel("tokens / s")
     step_time = [r["step_time_s"] for r in run.records]
     wait = [r["data_wait_s"] for r in run.records]
-    axes[2].fill_between(steps, 0, wait, color=PALETTE[1], alpha=0.6, lw=0, label="waiting for data")
+    axes[2].fill_between(steps, 0, wait, color=PALETTE[1], alpha=0.6, lw=0,
+                         label="waiting for data")
     axes[2].plot(steps, step_time, color="#000000", lw=1.4, label="step time")
     axes[2].set_ylabel("seconds per step")
     axes[2].legend(fontsize=8, loc="upper right", framealpha=0.9)
@@ -250,6 +253,9 @@ def plot_throughput(run: Run, path: Path) -> Png:
 
 
 # --------------------------------------------------------------------------- page
+
+DOT = " \u00b7 "
+TIMES = "\u00d7"
 
 
 def _by_stage(run: Run) -> dict[str, list[dict[str, Any]]]:
@@ -268,9 +274,7 @@ def _millions(n: Any) -> str | None:
     return f"{n / 1e6:.2f} M ({fmt_num(int(n))})" if isinstance(n, int) else None
 
 
-def _when(t: Any) -> str | None:
-    if not isinstance(t, (int, float)):
-        return None
+def _when(t: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t))
 
 
@@ -285,101 +289,108 @@ def _done(run: Run, stage: str) -> int:
     logged = max((r["stage_step"] for r in run.records if r["stage"] == stage), default=0)
     ck = run.checkpoint or {}
     saved = ck.get("step_in_stage", 0) if ck.get("stage_name") == stage else 0
-    start = run.starts.get(stage, {}).get("resumed_at_stage_step") or 0
-    return max(logged, saved, start)
+    resumed = run.starts.get(stage, {}).get("resumed_at_stage_step") or 0
+    return max(logged, saved, resumed)
+
+
+def _status(run: Run) -> str:
+    """``finished``, ``stage k of n`` or ``started`` (a page cannot tell running from stopped)."""
+    names = run.stage_names
+    last = names[-1] if names else None
+    if last in run.starts and _done(run, last) >= run.starts[last].get("steps", 1 << 62):
+        return "finished"
+    ck = run.checkpoint or {}
+    current = run.records[-1]["stage"] if run.records else ck.get("stage_name")
+    return f"stage {names.index(current) + 1} of {len(names)}" if current in names else "started"
+
+
+def _headline(run: Run) -> str:
+    ck = run.checkpoint or {}
+    last = run.records[-1] if run.records else {}
+    step = max(last.get("step", 0), ck.get("global_step", 0))
+    out = (f'<strong><span id="step-count">{step}</span> optimizer steps</strong>'
+           f"{DOT}{esc(_status(run))}")
+    planned = [run.starts[n].get("steps") for n in run.stage_names if n in run.starts]
+    if len(planned) == len(run.stage_names) and all(isinstance(p, int) for p in planned):
+        out += f"{DOT}{fmt_num(sum(planned))} planned"  # type: ignore[arg-type]
+    if last:
+        out += (f"{DOT}{fmt_num(last['samples'])} samples seen{DOT}loss "
+                f"<strong>{fmt_num(last['loss'])}</strong> (token {fmt_num(last['loss_token'])}, "
+                f"spectral {fmt_num(last['loss_spectral'])})")
+    return out
+
+
+def _run_facts(run: Run) -> list[tuple[str, Any]]:
+    """Config highlights for the summary's key-value list (None values are left out)."""
+    m = run.config.get("model") or {}
+    s = next(reversed(run.starts.values())) if run.starts else {}
+    ck = run.checkpoint
+    times = [r["time"] for r in run.records if isinstance(r.get("time"), (int, float))]
+    params = [(k, _millions(s.get(f"params_{k}"))) for k in ("total", "encoder", "decoder")]
+    return [
+        ("run directory", Cell(f"<code>{esc(run.run_dir)}</code>")),
+        ("model", m and (
+            f"{m.get('preset', '?')} preset: embed {m.get('embed_dim')}, depth {m.get('depth')}, "
+            f"decoder {m.get('decoder_embed_dim')} {TIMES} {m.get('decoder_depth')}, tokens "
+            f"{m.get('patch_size')} px {TIMES} {m.get('band_patch_size')} bands, mask ratio "
+            f"{m.get('mask_ratio')}")),
+        ("parameters", DOT.join(f"{k} {v}" for k, v in params if v) or None),
+        ("loss", f"{m.get('token_loss_weight', 1)} {TIMES} token MSE + "
+                 f"{m.get('spectral_loss_weight', 1)} {TIMES} spectral-group-sum MSE"
+                 + (" (normalised pixels)" if m.get("norm_pix_loss") else "")),
+        ("processes", s and f"{s.get('world_size')} on {s.get('device')}"),
+        ("precision, ZeRO", s and f"{'bf16' if s.get('bf16') else 'fp32'}, "
+                                  f"ZeRO-{s.get('zero_stage')}"),
+        ("normalisation", run.config.get("normalisation") or s.get("normalisation")),
+        ("seed", run.config.get("seed")),
+        ("latest checkpoint", Cell(
+            f"<code>{esc(ck['tag'])}</code>{DOT}stage {esc(ck.get('stage_name'))}, step "
+            f"{esc(ck.get('step_in_stage'))}/{esc(ck.get('stage_steps'))}{DOT}"
+            f"{esc(fmt_num(ck.get('samples_seen')))} samples{DOT}"
+            f"{esc(ck.get('world_size'))} processes") if ck else "none yet"),
+        ("exported weights", ", ".join(p.name for p in run.exports) or None),
+        ("logged", times and f"{_when(min(times))} to {_when(max(times))} "
+                             f"({_duration(max(times) - min(times))})"),
+        ("resumed", f"{run.resumes} time(s)" if run.resumes else None),
+    ]
 
 
 def _summary(run: Run, page: Page) -> None:
-    last = run.records[-1] if run.records else None
-    last_start = next(reversed(run.starts.values()), {}) if run.starts else {}
-    model = run.config.get("model") or {}
-    names = run.stage_names
-    planned = [run.starts[n].get("steps") for n in names if n in run.starts]
-    ck = run.checkpoint
-    step = max((last or {}).get("step", 0), (ck or {}).get("global_step", 0))
-    finished = bool(names) and names[-1] in run.starts and \
-        _done(run, names[-1]) >= (run.starts[names[-1]].get("steps") or 1 << 62)
-    current = (last or {}).get("stage") or (ck or {}).get("stage_name") or "\u2014"
-    state = "finished" if finished else (
-        f"stage {names.index(current) + 1} of {len(names)}" if current in names else "started")
-    headline = f'<strong><span id="step-count">{step}</span> optimizer steps</strong> \u00b7 {esc(state)}'
-    if len(planned) == len(names) and all(isinstance(p, int) for p in planned):
-        headline += f" \u00b7 {fmt_num(sum(planned))} planned"  # type: ignore[arg-type]
-    if last:
-        headline += (f" \u00b7 {fmt_num(last['samples'])} samples seen \u00b7 loss "
-                     f"<strong>{fmt_num(last['loss'])}</strong> (token {fmt_num(last['loss_token'])}, "
-                     f"spectral {fmt_num(last['loss_spectral'])})")
-    page.headline = headline
-    times = [r["time"] for r in run.records if isinstance(r.get("time"), (int, float))]
-    zero = last_start.get("zero_stage")
-    pairs: list[tuple[str, Any]] = [
-        ("run directory", Cell(f"<code>{esc(run.run_dir)}</code>")),
-        ("model", f"{model.get('preset', '?')} preset: embed {model.get('embed_dim', '?')}, depth "
-                  f"{model.get('depth', '?')}, decoder {model.get('decoder_embed_dim', '?')} x "
-                  f"{model.get('decoder_depth', '?')}, patch {model.get('patch_size', '?')} px x "
-                  f"{model.get('band_patch_size', '?')} bands, mask ratio {model.get('mask_ratio', '?')}"
-         if model else None),
-        ("parameters", " \u00b7 ".join(f"{k} {v}" for k, v in (
-            ("total", _millions(last_start.get("params_total"))),
-            ("encoder", _millions(last_start.get("params_encoder"))),
-            ("decoder", _millions(last_start.get("params_decoder")))) if v) or None),
-        ("loss", f"{model.get('token_loss_weight', 1)} \u00d7 token MSE + "
-                 f"{model.get('spectral_loss_weight', 1)} \u00d7 spectral-group-sum MSE"
-                 + (" (normalised pixels)" if model.get("norm_pix_loss") else "")),
-        ("processes", f"{last_start.get('world_size')} on {last_start.get('device')}"
-         if last_start else None),
-        ("precision, ZeRO", f"{'bf16' if last_start.get('bf16') else 'fp32'}, ZeRO-{zero}"
-         if zero is not None else None),
-        ("normalisation", run.config.get("normalisation") or last_start.get("normalisation")),
-        ("seed", run.config.get("seed")),
-        ("latest checkpoint", Cell(
-            f"<code>{esc(ck['tag'])}</code> \u00b7 stage {esc(ck.get('stage_name'))}, step "
-            f"{esc(ck.get('step_in_stage'))}/{esc(ck.get('stage_steps'))} \u00b7 "
-            f"{esc(fmt_num(ck.get('samples_seen')))} samples \u00b7 {esc(ck.get('world_size'))} processes"
-        ) if ck else "none yet"),
-        ("exported weights", ", ".join(p.name for p in run.exports) or None),
-        ("logged", f"{_when(min(times))} to {_when(max(times))} ({_duration(max(times) - min(times))})"
-         if times else None),
-        ("resumed", f"{run.resumes} time(s)" if run.resumes else None),
-    ]
-    rows = []
-    for name in names:
+    page.headline = _headline(run)
+    rows: list[list[Any]] = []
+    by_stage = _by_stage(run)
+    for name in run.stage_names:
         s = run.starts.get(name)
-        recs = _by_stage(run).get(name, [])
         if s is None:
             rows.append([name, *([None] * 8), Cell('<span class="muted">not started</span>')])
             continue
-        done, steps = _done(run, name), s.get("steps")
-        rows.append([
-            name, s.get("dataset"), s.get("img_size"),
-            Cell(esc(f"{s.get('micro_batch')} \u00d7 {s.get('accumulation')} \u00d7 {s.get('world_size')}"
-                     f" = {s.get('effective_batch')}"), True),
-            s.get("blr"), s.get("lr"), s.get("warmup_steps"),
-            Cell(f"{fmt_num(done)} / {fmt_num(steps)}", True), s.get("tokens_per_step"),
-            recs[-1]["loss"] if recs else None,
-        ])
-    warn = []
+        recs = by_stage.get(name, [])
+        batch = (f"{s.get('micro_batch')} {TIMES} {s.get('accumulation')} {TIMES} "
+                 f"{s.get('world_size')} = {s.get('effective_batch')}")
+        rows.append([name, s.get("dataset"), s.get("img_size"), Cell(esc(batch), True),
+                     s.get("blr"), s.get("lr"), s.get("warmup_steps"),
+                     Cell(f"{fmt_num(_done(run, name))} / {fmt_num(s.get('steps'))}", True),
+                     s.get("tokens_per_step"), recs[-1]["loss"] if recs else None])
+    blocks = [key_values((k, v) for k, v in _run_facts(run) if v not in (None, "", {}, []))]
     if run.bad_lines:
-        warn.append(f'<p class="warn">{run.bad_lines} line(s) of metrics.jsonl are not JSON records '
-                    "and were skipped (a line being written, or a damaged file).</p>")
+        blocks.append(f'<p class="warn">{run.bad_lines} line(s) of metrics.jsonl are not JSON '
+                      "records and were skipped (a line being written, or a damaged file).</p>")
     if not run.records:
-        warn.append('<p class="warn">No loss logged yet: the first record appears after '
-                    f"log_every = {esc(run.config.get('log_every', '?'))} steps.</p>")
-    cfg_text = ""
-    if (run.run_dir / "config.yaml").is_file():
-        cfg_text = ('<details><summary>resolved config (config.yaml)</summary><div class="scroll"><pre>'
-                    + esc((run.run_dir / "config.yaml").read_text(encoding="utf-8", errors="replace"))
-                    + "</pre></div></details>")
-    page.section(
-        "summary", "Run summary", key_values(p for p in pairs if p[1] is not None), *warn,
-        table(["stage", "dataset", "px", "batch", "blr", "peak LR", "warm-up", "steps",
-               "tokens / step", "last loss"], rows,
-              caption="stages: batch = micro-batch \u00d7 accumulation \u00d7 processes = effective "
-                      "batch; peak LR = blr \u00d7 effective batch / 256; warm-up and steps in "
-                      "optimizer steps (done / planned)",
-              numeric=(2, 3, 4, 5, 6, 7, 8, 9), table_id="stages"),
-        cfg_text,
-    )
+        blocks.append('<p class="warn">No loss logged yet: the first record appears after '
+                      f"log_every = {esc(run.config.get('log_every', '?'))} steps.</p>")
+    blocks.append(table(
+        ["stage", "dataset", "px", "batch", "blr", "peak LR", "warm-up", "steps",
+         "tokens / step", "last loss"], rows,
+        caption=f"stages: batch = micro-batch {TIMES} accumulation {TIMES} processes = effective "
+                f"batch; peak LR = blr {TIMES} effective batch / 256; warm-up and steps in "
+                "optimizer steps (done / planned)",
+        numeric=(2, 3, 4, 5, 6, 7, 8, 9), table_id="stages"))
+    config = run.run_dir / "config.yaml"
+    if config.is_file():
+        text = config.read_text(encoding="utf-8", errors="replace")
+        blocks.append('<details><summary>resolved config (config.yaml)</summary>'
+                      f'<div class="scroll"><pre>{esc(text)}</pre></div></details>')
+    page.section("summary", "Run summary", *blocks)
 
 
 def _loss_section(run: Run, page: Page, png: Png | None) -> None:
@@ -394,18 +405,30 @@ def _loss_section(run: Run, page: Page, png: Png | None) -> None:
             row += [vals[0], vals[-1], min(vals)]
         rows.append(row)
     head = [f"{n} {w}" for n in ("total", "token", "spectral") for w in ("first", "last", "min")]
+    caption = ("Mean over each log interval. Token MSE: pixels of the masked 3D tokens (the MAE "
+               "term). Spectral-group-sum MSE: the sums over the spectral groups of prediction "
+               "and target at every position (the spectral-to-spectral term). Total = their "
+               "weighted sum. Dashed lines and shading mark the stages; a new stage starts a "
+               "fresh optimizer and LR warm-up, and sees larger images.")
     page.section(
         "loss", "Loss",
         figure_html(png, alt="total loss, token MSE and spectral-group-sum MSE against the step",
-                    max_css_width=MAX_WIDTH, caption=(
-                        "Mean over each log interval. Token MSE: pixels of the masked 3D tokens "
-                        "(the MAE term). Spectral-group-sum MSE: the sums over the spectral groups "
-                        "of prediction and target at every position (the spectral-to-spectral term). "
-                        "Total = their weighted sum. Dashed lines and shading mark the stages; a new "
-                        "stage starts a fresh optimizer and LR warm-up, and sees larger images.")),
-        table(["stage", "steps", *head], rows, caption="loss per stage (first and last logged interval, "
-              "lowest interval mean)", numeric=tuple(range(2, 11)), table_id="loss-per-stage"),
+                    max_css_width=MAX_WIDTH, caption=caption),
+        table(["stage", "steps", *head], rows, numeric=tuple(range(2, 11)),
+              caption="per stage: first and last logged interval, lowest interval mean",
+              table_id="loss-per-stage"),
     )
+
+
+def _lr_section(page: Page, png: Png | None) -> None:
+    if png is None:
+        return
+    caption = ("LR at the last step of each log interval: linear warm-up, then cosine decay to "
+               "min_lr, restarted per stage. Gradient norm as DeepSpeed reports it, before "
+               "clipping at grad_clip.")
+    page.section("lr", "Learning rate", figure_html(
+        png, alt="learning rate and gradient norm against the step", max_css_width=MAX_WIDTH,
+        caption=caption))
 
 
 def _throughput_section(run: Run, page: Page, png: Png | None) -> None:
@@ -425,56 +448,58 @@ def _throughput_section(run: Run, page: Page, png: Png | None) -> None:
             "max GPU memory GiB"]
     if all(row[-1] is None for row in rows):  # CPU runs record no GPU memory
         head, rows = head[:-1], [row[:-1] for row in rows]
+    caption = ("Per log interval, all processes together. Tokens per second count every 3D token "
+               "of a sample (visible and masked). The orange area is the part of a step spent "
+               "waiting for the next batch: when it approaches the step time, the data loader, "
+               "not the model, limits the run.")
     page.section(
         "throughput", "Throughput",
         figure_html(png, alt="samples per second, tokens per second, step time and data wait",
-                    max_css_width=MAX_WIDTH, caption=(
-                        "Per log interval, all processes together. Tokens per second count every "
-                        "3D token of a sample (visible and masked). The orange area is the part of "
-                        "a step spent waiting for the next batch: when it approaches the step time "
-                        "the data loader, not the model, limits the run.")),
+                    max_css_width=MAX_WIDTH, caption=caption),
         table(head, rows, caption="median per stage", numeric=(1, 2, 3, 4, 5, 6),
               table_id="throughput-per-stage"),
         page_break=True,
     )
 
 
+RGB_CAPTION = ("True colour (B04, B03, B02), one 2-98 % stretch per channel from the input for "
+               "all three panels. Grey: hidden values; B04 belongs to another spectral group than "
+               "B03 and B02, so it is hidden apart.")
+GROUPS_CAPTION = ("Each spectral group (the bands of one token) as a colour image: red = its last "
+                  "band, green = the middle one, blue = the first; one 2-98 % stretch per group "
+                  "from the input. Each group has its own mask; MSE over its hidden pixels.")
+
+
 def _images_section(run: Run, page: Page, pngs: dict[Path, Png]) -> None:
-    latest: dict[str, Reconstruction] = {}
-    for rec in run.images:
-        latest[rec.stage] = rec
+    latest = {rec.stage: rec for rec in run.images}
     if not latest:
         page.section("reconstructions", "Reconstructions",
                      '<p class="note">No reconstruction images yet (written every image_every '
                      "steps and at the end of each stage).</p>", page_break=True)
         return
     blocks = [f'<p class="note">The latest image of each stage, newest first; {len(run.images)} '
-              "written in all (in images/). Input and masked input are the sample the model saw; "
-              "the reconstruction shows the prediction at the masked tokens with the visible "
-              "pixels pasted back.</p>"]
+              "written in all (in images/). Input and masked input are the sample the model "
+              "saw; the reconstruction shows the prediction at the masked tokens with the "
+              "visible pixels pasted back.</p>"]
     model = run.config.get("model") or {}
-    if model.get("num_bands", 12) == len(SHARD_BANDS):
+    if model.get("num_bands", len(SHARD_BANDS)) == len(SHARD_BANDS):
         groups = report.spectral_groups(len(SHARD_BANDS), int(model.get("band_patch_size", 3)))
-        blocks.append('<p class="note">Spectral groups (the bands of one token): ' + " \u00b7 ".join(
-            f"G{g + 1}: {' '.join(SHARD_BANDS[i] for i in idx)}" for g, idx in enumerate(groups)) + ".</p>")
+        names = DOT.join(f"G{g + 1}: {' '.join(SHARD_BANDS[i] for i in idx)}"
+                         for g, idx in enumerate(groups))
+        blocks.append(f'<p class="note">Spectral groups (the bands of one token): {names}.</p>')
     for rec in sorted(latest.values(), key=lambda r: -r.step):
+        where = f"{rec.stage} step {rec.step}"
         blocks.append(f"<h3>{esc(rec.stage)}, step {rec.step}</h3>")
-        blocks.append(figure_html(pngs[rec.rgb], alt=f"input, masked input and reconstruction in true "
-                                  f"colour, {rec.stage} step {rec.step}", caption=(
-                                      "True colour (B04, B03, B02), one 2-98 % stretch per channel "
-                                      "from the input for all three panels. Grey: hidden values; "
-                                      "B04 belongs to another spectral group than B03 and B02, so it "
-                                      "is hidden apart.")))
-        if rec.groups is not None:
-            blocks.append(figure_html(pngs[rec.groups], alt=f"input, masked input and reconstruction "
-                                      f"per spectral group, {rec.stage} step {rec.step}", caption=(
-                                          "Each spectral group (the bands of one token) as a colour "
-                                          "image: red = its last band, green = the middle one, blue = "
-                                          "the first; one 2-98 % stretch per group from the input. "
-                                          "Each group has its own mask; MSE over its hidden pixels.")))
-        else:
-            blocks.append('<p class="note">No per-group figure for this image (written by a trainer '
-                          "version without it).</p>")
+        blocks.append(figure_html(pngs[rec.rgb], caption=RGB_CAPTION,
+                                  alt=f"input, masked input and reconstruction in true colour, "
+                                      f"{where}"))
+        if rec.groups is None:
+            blocks.append('<p class="note">No per-group figure for this image (written by a '
+                          "trainer version without it).</p>")
+            continue
+        blocks.append(figure_html(pngs[rec.groups], caption=GROUPS_CAPTION,
+                                  alt=f"input, masked input and reconstruction per spectral "
+                                      f"group, {where}"))
     page.section("reconstructions", "Reconstructions", *blocks, page_break=True)
 
 
@@ -483,27 +508,29 @@ def _log_section(run: Run, page: Page) -> None:
         return
     note = (f'<p class="warn">{run.log_warnings} warning or error line(s) in train.log.</p>'
             if run.log_warnings else '<p class="note">No warnings or errors in train.log.</p>')
+    tail = esc("\n".join(run.log_tail))
     page.section("log", "Log", note,
                  f"<details><summary>last {len(run.log_tail)} lines of train.log</summary>"
-                 f'<div class="scroll"><pre>{esc(chr(10).join(run.log_tail))}</pre></div></details>')
+                 f'<div class="scroll"><pre>{tail}</pre></div></details>')
 
 
 def render_page(run: Run, pngs: dict[str, Png | None], images: dict[Path, Png]) -> str:
-    """The page's HTML, referring to PNGs already written into the report directory."""
+    """The page's HTML, referring to PNGs already written into the report directory.
+
+    Args:
+        run: what :func:`load_run` read.
+        pngs: the plots by name (``loss``, ``lr``, ``throughput``; None without records).
+        images: the copied reconstruction PNGs, by their path in the run directory.
+    """
+    written = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     page = Page(f"Pretraining run: {run.name}",
-                subtitle=f"SpectralGPT masked autoencoder \u00b7 {run.run_dir}",
+                subtitle=f"SpectralGPT masked autoencoder{DOT}{run.run_dir}",
                 credits=[f"{COPERNICUS_CREDIT} (reconstruction images), processed by ESA.",
-                         f"Written by python -m training.run_page at "
-                         f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')} from {run.run_dir}; static page, "
-                         "no scripts, no network resources."])
+                         f"Written by python -m training.run_page at {written} from "
+                         f"{run.run_dir}; static page, no scripts, no network resources."])
     _summary(run, page)
     _loss_section(run, page, pngs["loss"])
-    if pngs["lr"] is not None:
-        page.section("lr", "Learning rate", figure_html(
-            pngs["lr"], alt="learning rate and gradient norm against the step", max_css_width=MAX_WIDTH,
-            caption="LR at the last step of each log interval: linear warm-up, then cosine decay to "
-                    "min_lr, restarted per stage. Gradient norm as DeepSpeed reports it, before "
-                    "clipping at grad_clip."))
+    _lr_section(page, pngs["lr"])
     _throughput_section(run, page, pngs["throughput"])
     _images_section(run, page, images)
     _log_section(run, page)
@@ -514,6 +541,8 @@ def write_run_page(run_dir: Path, out: Path | None = None) -> Path:
     """Write ``<run_dir>/report/index.html`` (or ``out/index.html``) and its PNGs; return it.
 
     The page replaces a previous one atomically (:func:`pipeline.report_html.atomic_dir`).
+    The latest reconstruction of each stage is copied next to it, so the directory stands
+    alone (zip it, mail it, serve it).
 
     Raises:
         RunPageError: no run directory or no ``metrics.jsonl``.
@@ -527,13 +556,11 @@ def write_run_page(run_dir: Path, out: Path | None = None) -> Path:
             pngs = {"loss": plot_loss(run, tmp / "loss.png"), "lr": plot_lr(run, tmp / "lr.png"),
                     "throughput": plot_throughput(run, tmp / "throughput.png")}
         images: dict[Path, Png] = {}
-        latest = {rec.stage: rec for rec in run.images}
-        for rec in latest.values():
-            for src in (rec.rgb, rec.groups):
+        for rec in {rec.stage: rec for rec in run.images}.values():
+            for src, prefix in ((rec.rgb, "recon_"), (rec.groups, "recon_groups_")):
                 if src is not None:
-                    dst = tmp / f"recon_{src.name}"
-                    shutil.copyfile(src, dst)
-                    images[src] = png_info(dst)
+                    shutil.copyfile(src, tmp / f"{prefix}{src.name}")
+                    images[src] = png_info(tmp / f"{prefix}{src.name}")
         (tmp / "index.html").write_text(render_page(run, pngs, images), encoding="utf-8")
     return out / "index.html"
 
@@ -542,8 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry; returns the exit code (0 written, 2 bad input)."""
     parser = argparse.ArgumentParser(
         prog="python -m training.run_page",
-        description="Write the static HTML page of a pretraining run (index.html + PNGs): summary, "
-                    "loss terms, LR, throughput, latest reconstructions.")
+        description="Write the static HTML page of a pretraining run (index.html + PNGs): "
+                    "summary, loss terms, LR, throughput, latest reconstructions.")
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run directory, runs/<name>")
     parser.add_argument("--out", help="page directory (default RUN_DIR/report)")
     args = parser.parse_args(argv)
