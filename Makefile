@@ -3,7 +3,6 @@
 #   make test   set up .venv (+ headless Chromium for the report test), run the whole test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python
-export DS_ACCELERATOR ?= cpu
 
 .PHONY: setup run build train test test-fast bench clean
 
@@ -20,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 build: setup
 	$(PY) -m pipeline.build_shards --aoi europe
 
+# DeepSpeed on a machine without a GPU: the CPU accelerator (gloo); with nvidia-smi, CUDA.
 train: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed --num_gpus 1 training/pretrain.py
+	@if command -v nvidia-smi >/dev/null 2>&1; then acc=; else acc=DS_ACCELERATOR=cpu; fi; \
+	env $$acc PATH=$(CURDIR)/$(VENV)/bin:$$PATH deepspeed training/pretrain.py
 
 run: build train
 

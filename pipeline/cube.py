@@ -47,12 +47,16 @@ _GDAL_DEFAULTS = {
     "GDAL_HTTP_MAX_RETRY": "4",
     "GDAL_HTTP_RETRY_DELAY": "0.5",
     "GDAL_HTTP_TIMEOUT": "60",
+    # GDAL's block cache defaults to 5% of RAM and is never released between scenes: peak RSS
+    # grew from 1.5 GB (1 scene) to 3.4 GB (4 scenes) in benchmark 2. Blocks are read once here.
+    "GDAL_CACHEMAX": "256",
     "GDAL_HTTP_MERGE_CONSECUTIVE_RANGES": "YES",
     "GDAL_HTTP_MULTIPLEX": "YES",
     "CPL_VSIL_CURL_ALLOWED_EXTENSIONS": ".tif,.tiff,.TIF,.TIFF",
     "VSI_CACHE": "TRUE",
 }
-GDAL_CLOUD_ENV = {k: os.environ.get(k, v) for k, v in _GDAL_DEFAULTS.items()}
+GDAL_CLOUD_ENV: dict[str, Any] = {k: os.environ.get(k, v) for k, v in _GDAL_DEFAULTS.items()}
+GDAL_CLOUD_ENV["GDAL_CACHEMAX"] = int(GDAL_CLOUD_ENV["GDAL_CACHEMAX"])  # rasterio wants an int (MB) here
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,17 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-_local = threading.local()
+# Open datasets per (thread, href): rasterio handles are not thread-safe, and reopening per
+# block would re-read the COG header each time. `close_all()` releases them after each grid.
+_handles: dict[tuple[int, str], Any] = {}
+_handles_lock = threading.Lock()
+
+
+def close_all() -> None:
+    with _handles_lock:
+        for ds in _handles.values():
+            ds.close()
+        _handles.clear()
 
 
 def aligned_factor(asset: dict[str, Any], grid_transform: Sequence[float], grid_shape: Sequence[int]) -> int | None:
@@ -64,12 +74,12 @@ def _axis(out0: int, out1: int, k: int, n_src: int, method: str) -> tuple[np.nda
 def _open(href: str) -> Any:
     import rasterio
 
-    cache = getattr(_local, "ds", None)
-    if cache is None:
-        cache = _local.ds = {}
-    ds = cache.get(href)
+    key = (threading.get_ident(), href)
+    ds = _handles.get(key)
     if ds is None or ds.closed:
-        ds = cache[href] = rasterio.open(href)
+        ds = rasterio.open(href)
+        with _handles_lock:
+            _handles[key] = ds
     return ds
 
 

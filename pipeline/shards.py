@@ -138,6 +138,7 @@ class ShardWriter:
     _hf: _HashingFile | None = field(default=None, repr=False)
     _count: int = 0
     _hist: np.ndarray | None = field(default=None, repr=False)
+    _pending: list[np.ndarray] = field(default_factory=list, repr=False)
 
     def _final(self, i: int) -> Path:
         return self.root / self.rel_dir / f"{self.prefix}-{i:06d}.tar"
@@ -150,6 +151,7 @@ class ShardWriter:
         self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.GNU_FORMAT)
         self._count = 0
         self._hist = np.zeros((12, N_BINS), dtype=np.int64) if self.with_hist else None
+        self._pending = []
 
     @staticmethod
     def _member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -175,13 +177,26 @@ class ShardWriter:
         self._tar.addfile(*self._member(f"{key}.json", js))
         self._count += 1
         if self._hist is not None:
-            if self._hist.shape[0] != data.shape[-3]:
-                self._hist = np.zeros((data.shape[-3], N_BINS), dtype=np.int64)
-            self._hist += band_histogram(data)
+            # one bincount per 64 chips: each call zero-fills a 12 x 65536 int64 table (6 MB),
+            # which per chip cost more than the counting itself (measured ~2 ms/chip)
+            self._pending.append(data.reshape(-1, data.shape[-3], data.shape[-2] * data.shape[-1]))
+            if len(self._pending) >= 64:
+                self._flush_hist()
+
+    def _flush_hist(self) -> None:
+        if not self._pending or self._hist is None:
+            return
+        c = self._pending[0].shape[1]
+        stacked = np.concatenate([p.transpose(1, 0, 2).reshape(c, -1) for p in self._pending], axis=1)  # [C, N]
+        if self._hist.shape[0] != c:
+            self._hist = np.zeros((c, N_BINS), dtype=np.int64)
+        self._hist += band_histogram(stacked[:, None, :])  # [C, 1, N] is a valid [C, H, W]
+        self._pending = []
 
     def close_shard(self) -> ShardRecord | None:
         if self._tar is None:
             return None
+        self._flush_hist()
         self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
         assert self._hf is not None
         self._raw.flush()

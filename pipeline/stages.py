@@ -273,6 +273,7 @@ def _build_locked(
             if existing_cube(path, u.cube_hash(cfg)) is not None:
                 continue
             reason = _cube_with_retry(u, cfg, path, patch_url)
+            _clear_http_caches()
             if reason:
                 failed[u.id] = reason
                 state.save()
@@ -325,12 +326,19 @@ def _cube_with_retry(u: Unit, cfg: BuildConfig, path: Path, patch_url: Any) -> s
 
 
 def _clear_http_caches() -> None:
-    """Clear GDAL's HTTP cache here and on every Dask worker before a retry."""
-    clear_gdal_http_cache()
+    """Close cached COG handles and clear GDAL's HTTP cache, here and on every Dask worker
+    (before a retry, and after each grid so memory does not grow with the scene count)."""
+    from pipeline.native_read import close_all
+
+    def clear() -> None:
+        close_all()
+        clear_gdal_http_cache()
+
+    clear()
     try:
         from distributed import get_client
 
-        get_client().run(clear_gdal_http_cache)
+        get_client().run(clear)
     except (ValueError, OSError):  # no client, or workers in this process already cleared
         pass
 
