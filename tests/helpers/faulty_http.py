@@ -69,6 +69,14 @@ def _handler(root: Path, policy: FaultPolicy) -> type[BaseHTTPRequestHandler]:
             p = (root / path).resolve()
             return p if p.is_file() and root in p.parents else None
 
+        def _drop(self) -> None:
+            """Close the connection abruptly (a reset, or a body cut short)."""
+            self.close_connection = True
+            try:
+                self.connection.shutdown(2)
+            except OSError:
+                pass
+
         def _fail(self, code: int) -> None:
             body = b"injected fault"
             self.send_response(code)
@@ -92,12 +100,7 @@ def _handler(root: Path, policy: FaultPolicy) -> type[BaseHTTPRequestHandler]:
             if kind == "http503":
                 return self._fail(503)
             if kind == "reset":
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(2)
-                except OSError:
-                    pass
-                return
+                return self._drop()
             if kind == "slow":
                 time.sleep(policy.slow_s)
             p = self._target()
@@ -131,12 +134,7 @@ def _handler(root: Path, policy: FaultPolicy) -> type[BaseHTTPRequestHandler]:
             if kind == "truncated":
                 self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
-                self.close_connection = True
-                try:
-                    self.connection.shutdown(2)
-                except OSError:
-                    pass
-                return
+                return self._drop()
             self.wfile.write(body)
 
         def do_GET(self) -> None:  # noqa: N802

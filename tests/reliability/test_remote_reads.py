@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ import yaml
 from pipeline.build_shards import main
 from tests.helpers.faulty_http import FaultPolicy, rewrite_hrefs_to_http, serve_files
 from tests.helpers.paths import REPO
+from tests.helpers.tokens import token_endpoint
 from tests.pipeline.conftest import read_dataset, shard_files
 
 IRELAND_PATCHES = 4  # the sample patches on tile 29UPU
@@ -101,26 +99,8 @@ def test_fail_fast_stops_at_first_failure(http_catalog, tmp_path: Path, report) 
 
 @pytest.fixture
 def token_server() -> Iterator[tuple[str, list[str]]]:
-    issued: list[str] = []
-
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            tok = f"sig=secret-{len(issued) + 1}"
-            issued.append(tok)
-            exp = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-            body = json.dumps({"msft:expiry": exp, "token": tok}).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/token", issued
-    srv.shutdown()
+    with token_endpoint() as t:
+        yield t
 
 
 def test_expired_signature_is_renewed(http_catalog, token_server, tmp_path: Path, report, capfd) -> None:  # type: ignore[no-untyped-def]
