@@ -12,6 +12,14 @@ rename) by rank 0 only after a barrier that every rank reaches after its own wri
 killed mid-save leaves ``latest`` pointing at the previous complete checkpoint; the partial
 folder is overwritten or pruned later.
 
+Safety: DeepSpeed 0.19 reads its own files with ``torch.load(weights_only=False)`` (its
+``TorchCheckpointEngine``, ``zero_to_fp32`` and ``ds_to_universal``), which would run any
+pickled code a tampered checkpoint holds. Before DeepSpeed touches a checkpoint (resume,
+universal conversion, export) :func:`check_weights_only` loads every ``*.pt`` file of it
+with ``torch.load(weights_only=True)``, allowing tensors, plain containers and the three
+plain-data DeepSpeed types below, and refuses the checkpoint otherwise. Our own state is
+JSON (``trainer_state.json``).
+
 Different world size: ZeRO partitions depend on the number of processes, so ``--resume`` on
 another world size converts the checkpoint once with DeepSpeed's
 ``deepspeed.checkpoint.ds_to_universal`` and loads it with ``checkpoint.load_universal``.
@@ -28,7 +36,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +71,10 @@ class TrainerState:
     data_position: dict[str, Any]
     config: dict[str, Any]
     """The resolved run config (``RunConfig.to_dict()``)."""
+    data: dict[str, Any] = field(default_factory=dict)
+    """The stage's data: data set, split, dataset version, bands and the per-band mean/std
+    used to normalise (``ShardSet.describe()``); exports carry it, so evaluation normalises
+    alike without the manifest. Empty in checkpoints written before it existed."""
 
     @property
     def stage_done(self) -> bool:
@@ -158,6 +170,38 @@ def read_state(ckpt_dir: Path, tag: str) -> TrainerState:
     return TrainerState(**data)
 
 
+def _deepspeed_types() -> list[type]:
+    """The plain-data DeepSpeed classes in ZeRO optimizer files (0.19: stage enum, loss
+    scaler settings, fragment offsets); nothing else beyond torch's weights_only set."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, fragment_address]
+
+
+def check_weights_only(folder: Path) -> None:
+    """Load every ``*.pt`` file under ``folder`` with ``torch.load(weights_only=True)``.
+
+    Memory-mapped, so only the pickled structure is read. Call it before DeepSpeed loads
+    the folder (module doc: DeepSpeed itself does not use ``weights_only``).
+
+    Raises:
+        CheckpointError: a file holds anything else (code, unknown classes), or is not a
+            ``torch.save`` zip file.
+    """
+    types = _deepspeed_types()
+    for path in sorted(Path(folder).rglob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(types):
+                torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:  # unpickling errors come in many types
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"refusing to load checkpoint file '{path}': it does not "
+                                  f"load with torch.load(weights_only=True) ({reason}); "
+                                  f"use checkpoints written by this trainer only") from None
+
+
 def universal_tag(ckpt_dir: Path, tag: str) -> str:
     """Convert ``tag`` to a universal checkpoint once (rank 0); return the universal tag.
 
@@ -167,6 +211,7 @@ def universal_tag(ckpt_dir: Path, tag: str) -> str:
     utag = tag + UNIVERSAL_SUFFIX
     target = ckpt_dir / utag
     if _is_rank0() and not (target / STATE_FILE).is_file():
+        check_weights_only(ckpt_dir / tag)  # ds_to_universal unpickles everything
         tmp = ckpt_dir / f".{utag}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         logger.info("world size changed: converting %s to a universal checkpoint", tag)
@@ -198,8 +243,13 @@ def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:
 
 
 def fp32_state_dict_from_checkpoint(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """Consolidated fp32 weights of a saved checkpoint (any ZeRO stage, any world size)."""
+    """Consolidated fp32 weights of a saved checkpoint (any ZeRO stage, any world size).
+
+    Raises:
+        CheckpointError: a file of the checkpoint does not load with weights_only=True.
+    """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    check_weights_only(ckpt_dir / tag)  # zero_to_fp32 unpickles with weights_only=False
     state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     return {k: v.float().contiguous() for k, v in state.items()}

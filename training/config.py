@@ -198,7 +198,16 @@ class RunConfig:
     """Run directory; default ``runs/<name>`` relative to the working directory."""
     seed: int = 0
     manifest: str = "datasets/europe/manifest.json"
-    """Path of the pipeline's ``manifest.json`` (contract: docs/DATASET_FORMAT.md)."""
+    """The pipeline's ``manifest.json`` (contract: docs/DATASET_FORMAT.md): a path or an
+    fsspec URL such as ``s3://bucket/prefix/manifest.json`` (credentials and endpoint from
+    the usual AWS_* environment); shard paths in it are relative to its folder."""
+    dataset_version: int | Literal["latest"] = "latest"
+    """``latest``: every shard of the manifest (its cumulative ``datasets``). ``N``: the
+    shards that versions 1..N added and the statistics of version N (a pinned run)."""
+    on_bad_data: Literal["skip", "fail"] = "skip"
+    """A shard that is truncated or corrupt, or a sample whose array is not uint16
+    ``[C, chip, chip]`` (pickled arrays included): ``skip`` it with a warning and count it
+    (``bad_shards`` / ``bad_samples`` lines in metrics.jsonl), or ``fail`` the run (exit 2)."""
     deepspeed_config: str = "ds_zero2.json"
     """DeepSpeed JSON: a path, or a file name in ``training/configs/`` (ds_zero1/2/3.json).
     Batch size, accumulation, clipping and bf16 in it are overwritten from this config."""
@@ -265,6 +274,9 @@ class RunConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.num_workers < 0 or self.shuffle_initial < 0:
             raise ConfigError("num_workers and shuffle_initial must be >= 0")
+        if self.dataset_version != "latest" and self.dataset_version < 1:
+            raise ConfigError(f"dataset_version must be 'latest' or >= 1, got "
+                              f"{self.dataset_version}")
         if self.stop_at_step is not None and self.stop_at_step < 1:
             raise ConfigError(f"stop_at_step must be >= 1, got {self.stop_at_step}")
 

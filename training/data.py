@@ -30,11 +30,13 @@ import io
 import json
 import logging
 import math
+import os
 import random
-from collections.abc import Iterator
+import tarfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
+from webdataset.tariterators import base_plus_ext
 
 from training.config import ModelConfig, RunConfig, StageConfig
 from training.errors import DataError
@@ -52,9 +55,21 @@ FORMAT_ID = "spectralgpt-shards/1"
 NODATA = 0
 # Per-image min-max epsilon of the official fMoW loader (util/datasets.py L408-422).
 MINMAX_EPS = 1e-10
+#: Largest tar member read into memory (a 12 x 1024 x 1024 uint16 chip is 24 MiB).
+MAX_MEMBER_BYTES = 1 << 28
 
 
 # --------------------------------------------------------------------------- manifest
+
+
+def is_remote(location: str | Path) -> bool:
+    """True for an fsspec URL with a scheme other than ``file`` (``s3://bucket/key``)."""
+    text = str(location)
+    return "://" in text and text.split("://", 1)[0] not in ("", "file")
+
+
+def _local(location: str | Path) -> Path:
+    return Path(str(location).removeprefix("file://"))
 
 
 @dataclass(frozen=True)
@@ -64,43 +79,139 @@ class ShardSet:
     dataset: str
     split: str
     shards: tuple[str, ...]
-    """Absolute shard paths."""
+    """Absolute shard paths, or fsspec URLs when the manifest is remote."""
     num_samples: int
     chip_size: int
     bands: tuple[str, ...]
     mean: tuple[float, ...]
     """Per-band mean in stored units (DN; reflectance x 10000) over valid training pixels."""
     std: tuple[float, ...]
+    shard_bytes: tuple[int | None, ...] = ()
+    """Size of each shard per the manifest (None: not listed); a shard of another size is bad."""
+    shard_samples: tuple[int | None, ...] = ()
+    """Samples in each shard per the manifest; a shard that ends early is bad."""
+    version: int | None = None
+    """Dataset version read (None: a manifest without ``versions``, read as it is)."""
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint or an export records about the data: enough to normalise alike."""
+        return {"dataset": self.dataset, "split": self.split, "version": self.version,
+                "bands": list(self.bands), "mean": list(self.mean), "std": list(self.std)}
 
 
-def read_shard_set(manifest_path: str | Path, dataset: str, split: str,
-                   model: ModelConfig) -> ShardSet:
+def _read_manifest(location: str) -> dict[str, Any]:
+    """The parsed manifest at a local path or an fsspec URL (DataError when unreadable)."""
+    hint = ("build the shards first (python -m pipeline.build_shards --aoi europe) or set "
+            "'manifest'")
+    if is_remote(location):
+        import fsspec
+
+        try:
+            with fsspec.open(location, "rb") as fh:
+                text = fh.read().decode()
+        except FileNotFoundError:
+            raise DataError(f"manifest '{location}' not found: {hint}") from None
+        except Exception as exc:  # credentials, endpoint, DNS: one line, not a traceback
+            first = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise DataError(f"cannot read manifest '{location}': {first}") from None
+    else:
+        path = _local(location)
+        if not path.is_file():
+            raise DataError(f"manifest '{path}' not found: {hint}")
+        text = path.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"manifest '{location}' is not valid JSON: {exc}") from None
+
+
+def _version_view(manifest: dict[str, Any], dataset: str, version: int | str,
+                  where: str) -> tuple[dict[str, Any], dict[str, Any], int | None]:
+    """``(splits, stats, version)`` of ``dataset`` as of ``version`` (docs/DATASET_FORMAT.md).
+
+    ``latest``: the manifest's cumulative ``datasets`` entry. ``N``: the shards every version
+    up to N added, in version order, with the statistics as of version N.
+    """
+    entry = manifest["datasets"][dataset]
+    versions = manifest.get("versions") or []
+    if version == "latest" or (not versions and version == 1):
+        # A manifest without versions is one build: version 1 is all of it.
+        latest = manifest.get("latest_version", 1 if version == 1 else None)
+        return entry.get("splits") or {}, entry.get("stats") or {}, latest
+    if not versions:
+        raise DataError(f"dataset_version {version}: manifest '{where}' lists no versions "
+                        f"(an older format, one build); use dataset_version: latest")
+    known = sorted(int(v["version"]) for v in versions)
+    if version not in known:
+        raise DataError(f"dataset_version {version} is not in manifest '{where}' (versions "
+                        f"{', '.join(map(str, known))})")
+    splits: dict[str, dict[str, Any]] = {}
+    stats: dict[str, Any] = {}
+    for v in sorted(versions, key=lambda v: int(v["version"])):
+        if int(v["version"]) > int(version):
+            break
+        added = (v.get("datasets") or {}).get(dataset)
+        if added is None:  # this version brought nothing for the data set
+            continue
+        for name, split in (added.get("splits") or {}).items():
+            acc = splits.setdefault(name, {"num_samples": 0, "shards": []})
+            acc["num_samples"] += int(split.get("num_samples", 0))
+            acc["shards"] = acc["shards"] + list(split.get("shards") or [])
+        stats = added.get("stats") or stats  # of version N, or the last one that had data
+    if not splits:
+        raise DataError(f"data set '{dataset}' has no data in versions <= {version} of "
+                        f"manifest '{where}'")
+    return splits, stats, int(version)
+
+
+def _missing_shards(shards: list[str]) -> list[str]:
+    """The shards that do not exist; remote ones are checked with one listing per folder."""
+    if not shards or not is_remote(shards[0]):
+        return [s for s in shards if not Path(s).is_file()]
+    import fsspec
+
+    fs, _ = fsspec.core.url_to_fs(shards[0])
+    folders: dict[str, list[str]] = {}
+    for url in shards:
+        folders.setdefault(url.rsplit("/", 1)[0], []).append(url)
+    missing = []
+    for folder, urls in folders.items():
+        try:
+            names = {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False)}
+        except FileNotFoundError:
+            names = set()
+        missing += [u for u in urls if u.rsplit("/", 1)[-1] not in names]
+    return missing
+
+
+def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: ModelConfig,
+                   *, version: int | str = "latest") -> ShardSet:
     """Read and validate one split of ``manifest.json`` for ``model``.
 
+    Args:
+        manifest_path: a local path or an fsspec URL (``s3://bucket/prefix/manifest.json``);
+            shard paths in it are relative to its folder.
+        version: ``latest`` or a dataset version N (the shards of versions <= N, the
+            statistics of version N).
+
     Raises:
-        DataError: missing manifest / data set / split / shard files, zero samples, wrong
-            format id, band count or layout that the model cannot take, chips smaller
-            than the stage's image size.
+        DataError: missing manifest / data set / split / version / shard files, zero
+            samples, wrong format id, band count or layout that the model cannot take,
+            chips smaller than the stage's image size.
     """
-    path = Path(manifest_path)
-    if not path.is_file():
-        raise DataError(f"manifest '{path}' not found: build the shards first "
-                        f"(python -m pipeline.build_shards --aoi europe) or set 'manifest'")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"manifest '{path}' is not valid JSON: {exc}") from None
+    where = str(manifest_path)
+    manifest = _read_manifest(where)
     if manifest.get("format") != FORMAT_ID:
-        raise DataError(f"manifest '{path}' has format {manifest.get('format')!r}, "
+        raise DataError(f"manifest '{where}' has format {manifest.get('format')!r}, "
                         f"expected '{FORMAT_ID}'")
     datasets = manifest.get("datasets") or {}
     if dataset not in datasets:
-        raise DataError(f"data set '{dataset}' not in manifest '{path}' "
+        raise DataError(f"data set '{dataset}' not in manifest '{where}' "
                         f"(available: {', '.join(datasets) or 'none'})")
     entry = datasets[dataset]
-    splits = entry.get("splits") or {}
+    splits, stats, resolved = _version_view(manifest, dataset, version, where)
     if split not in splits:
-        raise DataError(f"split '{split}' of data set '{dataset}' not in manifest '{path}' "
+        raise DataError(f"split '{split}' of data set '{dataset}' not in manifest '{where}' "
                         f"(available: {', '.join(splits) or 'none'})")
     bands = tuple(manifest.get("bands") or ())
     shape = list(entry.get("shape") or [])
@@ -119,22 +230,32 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str,
     shard_entries = splits[split].get("shards") or []
     num_samples = int(splits[split].get("num_samples", 0))
     if not shard_entries or num_samples < 1:
-        raise DataError(f"split '{split}' of data set '{dataset}' in '{path}' has no samples")
-    root = path.parent
-    shards = tuple(str((root / s["path"]).resolve()) for s in shard_entries)
-    missing = [s for s in shards if not Path(s).is_file()]
+        raise DataError(f"split '{split}' of data set '{dataset}' in '{where}' has no samples")
+    if is_remote(where):
+        root = where.rsplit("/", 1)[0]
+        shards = [f"{root}/{s['path']}" for s in shard_entries]
+    else:
+        root_dir = _local(where).parent
+        shards = [str((root_dir / s["path"]).resolve()) for s in shard_entries]
+    missing = _missing_shards(shards)
     if missing:
-        raise DataError(f"{len(missing)} shard(s) of '{dataset}/{split}' listed in '{path}' "
+        raise DataError(f"{len(missing)} shard(s) of '{dataset}/{split}' listed in '{where}' "
                         f"are missing, e.g. {missing[0]}")
-    stats = entry.get("stats") or {}
     mean, std = stats.get("mean"), stats.get("std")
     if mean is None or std is None or len(mean) != len(bands) or len(std) != len(bands):
-        raise DataError(f"data set '{dataset}' in '{path}' lacks per-band stats.mean/std")
+        raise DataError(f"data set '{dataset}' in '{where}' lacks per-band stats.mean/std")
     if not all(math.isfinite(float(v)) for v in [*mean, *std]):
-        raise DataError(f"data set '{dataset}' in '{path}' has non-finite stats.mean/std")
+        raise DataError(f"data set '{dataset}' in '{where}' has non-finite stats.mean/std")
     std = [max(float(s), 1.0) for s in std]  # a constant band must not divide by zero
-    return ShardSet(dataset, split, shards, num_samples, chip, bands,
-                    tuple(float(m) for m in mean), tuple(std))
+
+    def _opt_int(value: Any) -> int | None:
+        return int(value) if value is not None else None
+
+    return ShardSet(dataset, split, tuple(shards), num_samples, chip, bands,
+                    tuple(float(m) for m in mean), tuple(std),
+                    shard_bytes=tuple(_opt_int(s.get("bytes")) for s in shard_entries),
+                    shard_samples=tuple(_opt_int(s.get("num_samples")) for s in shard_entries),
+                    version=resolved)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -210,17 +331,31 @@ class DataPosition:
     """Samples consumed, ``[rank][stream]``."""
     next_stream: list[int] = field(default_factory=list)
     """Per rank, the stream whose batch comes next (DataLoader workers take turns)."""
+    bad_samples: list[list[int]] = field(default_factory=list)
+    """Samples rejected so far, ``[rank][stream]`` (wrong shape or dtype, pickled, unreadable)."""
+    bad_shards: list[list[int]] = field(default_factory=list)
+    """Shards skipped so far, ``[rank][stream]`` (truncated, corrupt, unreadable)."""
+
+    def __post_init__(self) -> None:
+        # Positions saved before the counters existed start them at zero.
+        zeros = [[0] * len(r) for r in self.consumed]
+        self.bad_samples = self.bad_samples or [list(r) for r in zeros]
+        self.bad_shards = self.bad_shards or [list(r) for r in zeros]
 
     def to_dict(self) -> dict[str, Any]:
         return {"world_size": self.world_size, "num_workers": self.num_workers,
                 "generation": self.generation, "consumed": self.consumed,
-                "next_stream": self.next_stream}
+                "next_stream": self.next_stream, "bad_samples": self.bad_samples,
+                "bad_shards": self.bad_shards}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
+        def rows(key: str) -> list[list[int]]:
+            return [list(map(int, r)) for r in data.get(key) or []]
+
         return cls(int(data["world_size"]), int(data["num_workers"]), int(data["generation"]),
-                   [list(map(int, r)) for r in data["consumed"]],
-                   list(map(int, data["next_stream"])))
+                   rows("consumed"), list(map(int, data["next_stream"])),
+                   rows("bad_samples"), rows("bad_shards"))
 
     @classmethod
     def start(cls, world_size: int, num_workers: int, generation: int = 0) -> DataPosition:
@@ -231,12 +366,20 @@ class DataPosition:
         """This position for a run with ``world_size`` x ``num_workers`` streams."""
         if (world_size, num_workers) == (self.world_size, self.num_workers):
             return DataPosition(world_size, num_workers, self.generation,
-                                [list(r) for r in self.consumed], list(self.next_stream))
+                                [list(r) for r in self.consumed], list(self.next_stream),
+                                [list(r) for r in self.bad_samples],
+                                [list(r) for r in self.bad_shards])
         logger.warning("data streams changed (%d x %d -> %d x %d processes x workers): "
                        "continuing with freshly seeded streams (generation %d)",
                        self.world_size, self.num_workers, world_size, num_workers,
                        self.generation + 1)
         return DataPosition.start(world_size, num_workers, self.generation + 1)
+
+    def bad_data(self, rank: int | None = None) -> tuple[int, int]:
+        """``(bad samples, bad shards)`` of one rank's streams, or of all ranks."""
+        ranks = range(len(self.consumed)) if rank is None else [rank]
+        return (sum(sum(self.bad_samples[r]) for r in ranks),
+                sum(sum(self.bad_shards[r]) for r in ranks))
 
 
 def _stream_seed(*parts: int) -> int:
@@ -244,10 +387,111 @@ def _stream_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
+class BadShard(Exception):
+    """A shard that cannot be read to its end as listed in the manifest (internal)."""
+
+
+def open_shard(url: str) -> BinaryIO:
+    """A binary file object for a local path or an fsspec URL (``s3://...``)."""
+    if is_remote(url):
+        import fsspec
+
+        return fsspec.open(url, "rb").open()  # type: ignore[no-any-return]
+    return _local(url).open("rb")
+
+
+def _size_of(fh: BinaryIO) -> int | None:
+    try:
+        return os.fstat(fh.fileno()).st_size
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        size = getattr(fh, "size", None)  # fsspec buffered files
+        return int(size) if size is not None else None
+
+
+def tar_samples(fh: BinaryIO) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Raw samples of a tar stream in member order: ``(key, {extension: bytes})``.
+
+    Members are read into memory, never extracted to disk by name; links, folders and
+    other non-regular members, names without an extension and members larger than
+    :data:`MAX_MEMBER_BYTES` are errors (``ValueError``), as are tar format errors.
+    Keys and extensions split as in webdataset (``base_plus_ext``).
+    """
+    key: str | None = None
+    members: dict[str, bytes] = {}
+    with tarfile.open(fileobj=fh, mode="r|*") as tar:
+        for info in tar:
+            if not info.isfile():
+                raise ValueError(f"member '{info.name}' is not a regular file")
+            if info.size > MAX_MEMBER_BYTES:
+                raise ValueError(f"member '{info.name}' claims {info.size} bytes")
+            base, ext = base_plus_ext(info.name)
+            if base is None:
+                raise ValueError(f"member name '{info.name}' has no extension")
+            if base != key:
+                if key is not None:
+                    yield key, members
+                key, members = base, {}
+            if ext in members:
+                raise ValueError(f"member '{info.name}' appears twice")
+            member = tar.extractfile(info)
+            assert member is not None  # a regular file
+            data = member.read()
+            if len(data) != info.size:
+                raise ValueError(f"member '{info.name}' ends after {len(data)} of "
+                                 f"{info.size} bytes")
+            members[ext] = data
+    if key is not None:
+        yield key, members
+
+
+def decode_chip(data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+    """A ``.npy`` member as a uint16 array of exactly ``shape``; ``ValueError`` otherwise.
+
+    The header is checked before any data is read (a huge or object-dtype claim allocates
+    nothing); the array is then read with ``allow_pickle=False``, so a pickled object array
+    is refused without being unpickled.
+    """
+    fh = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            got, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            got, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            raise ValueError(f".npy format version {version} is not supported")
+    except (ValueError, EOFError, SyntaxError) as exc:
+        raise ValueError(f"not a .npy array ({exc})") from None
+    if dtype.hasobject or dtype != np.dtype(np.uint16) or tuple(got) != tuple(shape):
+        raise ValueError(f"is {dtype} {list(got)}, expected uint16 {list(shape)}")
+    arr = np.load(io.BytesIO(data), allow_pickle=False)
+    if not isinstance(arr, np.ndarray) or arr.shape != tuple(shape):
+        raise ValueError("is not a single array of the header's shape")
+    return arr
+
+
+@dataclass
+class StreamHealth:
+    """Bad data met by one stream so far (cumulative; it travels with every sample)."""
+
+    bad_samples: int = 0
+    bad_shards: int = 0
+
+
 class ShardStream(IterableDataset):
     """The sample stream of one rank; each DataLoader worker iterates its own sub-stream.
 
-    Yields dicts ``{"image": [C, S, S] float32, "worker": stream id, "index": int, "key": str}``.
+    Yields dicts ``{"image": [C, S, S] float32, "worker": stream id, "index": int, "key": str,
+    "bad_samples": int, "bad_shards": int}`` (the last two: the stream's counts so far).
+
+    Bad data (``run.on_bad_data``): a shard whose size differs from the manifest's, that
+    is not a readable tar, or that ends before its listed sample count is *bad*; a sample
+    without a ``.npy`` member or whose array is not uint16 ``[C, chip, chip]`` (pickled
+    object arrays included) is *rejected*. ``skip`` logs a warning, counts it and goes on
+    (a bad shard is not drawn again by this stream; the samples it gave before the damage
+    were each checked); ``fail`` raises :class:`DataError`. Checks happen before the
+    shuffle buffer, on every raw sample (also those skipped on resume), so the counts and
+    the running index are the same in a resumed run.
     """
 
     def __init__(self, shard_set: ShardSet, run: RunConfig, stage: StageConfig, *,
@@ -263,7 +507,11 @@ class ShardStream(IterableDataset):
         self.normalisation = run.normalisation
         self.crop_scale, self.crop_ratio, self.hflip = run.crop_scale, run.crop_ratio, run.hflip
         self.shuffle_buffer, self.shuffle_initial = run.shuffle_buffer, run.shuffle_initial
+        self.on_bad_data = run.on_bad_data
         self.num_bands = len(shard_set.bands)
+        self.chip_shape = (self.num_bands, shard_set.chip_size, shard_set.chip_size)
+        self.expected_bytes = dict(zip(shard_set.shards, shard_set.shard_bytes))
+        self.expected_samples = dict(zip(shard_set.shards, shard_set.shard_samples))
         self.mean = torch.tensor(shard_set.mean, dtype=torch.float32)
         self.std = torch.tensor(shard_set.std, dtype=torch.float32)
 
@@ -282,37 +530,92 @@ class ShardStream(IterableDataset):
         # starts with worker 0, continues the turn order where the stopped run left it.
         worker = (worker + self.first_stream) % num_workers
         seed = _stream_seed(self.seed, self.stage_index, self.generation, self.rank, worker)
+        shards = self.shards_for(worker, num_workers)
+        health = StreamHealth()
         pipeline = wds.DataPipeline(
             # worker_seed is constant: the seed above already identifies rank and worker
             # (wds' default reads RANK from the environment and would double-count it).
-            wds.ResampledShards(self.shards_for(worker, num_workers), seed=seed,
-                                worker_seed=lambda: 0, deterministic=True),
-            wds.tarfile_to_samples(),
+            wds.ResampledShards(shards, seed=seed, worker_seed=lambda: 0, deterministic=True),
+            lambda sources: self._checked_samples(sources, shards, worker, health),
             wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=random.Random(seed)),
         )
         skip = self.skip[worker] if worker < len(self.skip) else 0
         for index, sample in enumerate(pipeline):
-            if index < skip:  # fast-forward on resume: raw bytes, nothing decoded
+            if index < skip:  # fast-forward on resume: checked, not transformed
                 continue
-            yield self.transform(sample, worker, index)
+            yield {**self.transform(sample, worker, index),
+                   "bad_samples": health.bad_samples, "bad_shards": health.bad_shards}
+
+    def _checked_samples(self, sources: Iterator[dict[str, str]], shards: list[str],
+                         worker: int, health: StreamHealth) -> Iterator[dict[str, Any]]:
+        """Read the drawn shards; yield samples with a checked ``chip``; handle bad data."""
+        bad: set[str] = set()
+        since_good: set[str] = set()  # shards drawn since the last good sample
+        for source in sources:
+            url = source["url"]
+            if len(since_good) == len(set(shards)):
+                raise DataError(f"no usable sample in any of the {len(since_good)} shard(s) "
+                                f"of data stream {self.rank}/{worker} (e.g. {url}); see the "
+                                f"warnings above")
+            since_good.add(url)
+            if url in bad:
+                continue
+            count = 0
+            try:
+                with open_shard(url) as fh:
+                    expected = self.expected_bytes.get(url)
+                    size = _size_of(fh)
+                    if expected is not None and size is not None and size != expected:
+                        raise BadShard(f"it is {size} bytes, the manifest says {expected} "
+                                       f"(truncated or replaced)")
+                    for key, members in tar_samples(fh):
+                        count += 1
+                        chip = self._check_sample(key, members, url, worker, health)
+                        if chip is not None:
+                            since_good.clear()
+                            yield {"__key__": key, "__url__": url, "chip": chip}
+                listed = self.expected_samples.get(url)
+                if listed is not None and count != listed:
+                    raise BadShard(f"it ends after {count} of its {listed} samples")
+            except DataError:
+                raise
+            except Exception as exc:  # tar, I/O and remote-storage errors alike
+                bad.add(url)
+                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                self._bad(f"shard {url} is unreadable ({reason})", "shard", worker, health)
+
+    def _check_sample(self, key: str, members: dict[str, bytes], url: str, worker: int,
+                      health: StreamHealth) -> np.ndarray | None:
+        try:
+            if "npy" not in members:
+                raise ValueError(f"has no .npy member (members: {', '.join(members)})")
+            return decode_chip(members["npy"], self.chip_shape)
+        except ValueError as exc:
+            self._bad(f"sample '{key}' in {url} {exc}", "sample", worker, health)
+            return None
+
+    def _bad(self, what: str, kind: str, worker: int, health: StreamHealth) -> None:
+        if self.on_bad_data == "fail":
+            raise DataError(f"{what} (on_bad_data: fail; set on_bad_data: skip to skip bad "
+                            f"data and count it)")
+        if kind == "shard":
+            health.bad_shards += 1
+        else:
+            health.bad_samples += 1
+        logger.warning("skipping bad data, stream %d/%d: %s (%d bad shard(s), %d bad "
+                       "sample(s) so far in this stream)", self.rank, worker, what,
+                       health.bad_shards, health.bad_samples)
 
     def transform(self, sample: dict[str, Any], worker: int, index: int) -> dict[str, Any]:
-        """Decode (no pickle), check, normalise, random-resized-crop and flip one sample."""
-        key = sample.get("__key__", "?")
-        if "npy" not in sample:
-            raise DataError(f"sample '{key}' in {sample.get('__url__')} has no .npy member")
-        arr = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-        if arr.dtype != np.uint16 or arr.ndim != 3 or arr.shape[0] != self.num_bands:
-            raise DataError(f"sample '{key}' in {sample.get('__url__')} is {arr.dtype} "
-                            f"{list(arr.shape)}, expected uint16 [{self.num_bands}, H, W]")
-        x = torch.from_numpy(arr.astype(np.float32))  # DN; reflectance = DN / 10000
+        """Normalise, random-resized-crop and flip one checked sample."""
+        x = torch.from_numpy(sample["chip"].astype(np.float32))  # DN; reflectance = DN / 10000
         x = normalise(x, x != NODATA, self.normalisation, self.mean, self.std)
         rng = np.random.default_rng([self.seed, self.stage_index, self.generation, self.rank,
                                      worker, index])
         x = random_resized_crop(x, self.img_size, self.crop_scale, self.crop_ratio, rng)
         if self.hflip and rng.random() < 0.5:
             x = x.flip(-1)
-        return {"image": x, "worker": worker, "index": index, "key": key}
+        return {"image": x, "worker": worker, "index": index, "key": sample["__key__"]}
 
 
 def make_loader(stream: ShardStream, *, micro_batch: int, num_workers: int,
@@ -328,10 +631,36 @@ def make_loader(stream: ShardStream, *, micro_batch: int, num_workers: int,
     return loader.with_epoch(num_batches)
 
 
+def iterate(loader: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The batches of ``loader``; a :class:`DataError` from a worker comes out as one line.
+
+    (The DataLoader re-raises a worker's exception with the worker's traceback in its
+    message; the CLI prints messages as they are.)
+    """
+    batches = iter(loader)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataError as exc:
+            lines = [x for x in str(exc).splitlines() if x.strip()]
+            if len(lines) > 1 and "Traceback" in str(exc):
+                last = lines[-1]
+                raise DataError(last.split("DataError: ", 1)[-1]) from None
+            raise
+        yield batch
+
+
 def track(position: DataPosition, rank: int, batch: dict[str, Any]) -> None:
-    """Record that the samples of ``batch`` were consumed by ``rank``."""
+    """Record that the samples of ``batch`` were consumed by ``rank``, and its bad-data counts."""
     row = position.consumed[rank]
     workers = batch["worker"].tolist()
     for worker, index in zip(workers, batch["index"].tolist()):
         row[worker] = max(row[worker], index + 1)
+    if "bad_samples" in batch:
+        for counts, key in ((position.bad_samples[rank], "bad_samples"),
+                            (position.bad_shards[rank], "bad_shards")):
+            for worker, n in zip(workers, batch[key].tolist()):
+                counts[worker] = max(counts[worker], int(n))
     position.next_stream[rank] = (workers[-1] + 1) % len(row)

@@ -8,7 +8,11 @@ Usage::
 
 Writes ``<out>`` (``.safetensors`` by default, or a ``.pt`` holding only tensors and plain
 data so ``torch.load(..., weights_only=True)`` reads it) and ``<out stem>.json`` with the
-:class:`~training.config.ModelConfig`, the stage, the step and the source checkpoint.
+:class:`~training.config.ModelConfig`, the stage, the step, the source checkpoint, the
+input normalisation and the stage's data (``stats``: per-band mean/std in DN, ``data``:
+data set, split, dataset version), so ``python -m training.evaluate`` normalises as in
+pretraining without the manifest. The same info is in the ``.safetensors`` metadata
+(key ``spectralgpt``) and under ``config`` in the ``.pt``.
 The state-dict keys are the official SpectralGPT ones (``SpectralGPT+.pth`` layout), so
 the file also loads into the official ``models_mae_spectral.py`` model.
 
@@ -30,8 +34,9 @@ from typing import Any
 import torch
 
 from training import checkpoint
-from training.config import ModelConfig, config_from_dict
-from training.errors import TrainingError
+from training.config import ModelConfig, RunConfig, config_from_dict
+from training.data import read_shard_set
+from training.errors import CheckpointError, TrainingError
 from training.models.spectral_mae import SpectralMAE
 
 logger = logging.getLogger(__name__)
@@ -69,6 +74,10 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
         "bands_order": "B01 B02 B03 B04 B05 B06 B07 B08 B8A B09 B11 B12",
         "normalisation": run.normalisation,
     }
+    data = state.data or _data_from_manifest(run, stage.name)
+    if data:
+        info["stats"] = {"mean": data["mean"], "std": data["std"]}
+        info["data"] = {k: data[k] for k in ("dataset", "split", "version") if k in data}
     tmp = out.with_name(f".{out.name}.tmp")
     if fmt == "safetensors":
         from safetensors.torch import save_file
@@ -85,8 +94,27 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
     return out
 
 
+def _data_from_manifest(run: RunConfig, stage_name: str) -> dict[str, Any]:
+    """The stage's data statistics from the run's manifest, for checkpoints that predate
+    ``TrainerState.data``; empty (with a warning) when the manifest cannot be read."""
+    stage = next(s for s in run.stages if s.name == stage_name)
+    try:
+        return read_shard_set(run.manifest, stage.dataset, stage.split, run.model_for(stage),
+                              version=run.dataset_version).describe()
+    except TrainingError as exc:
+        logger.warning("the export has no data statistics (the checkpoint predates them and "
+                       "the manifest is unreadable: %s); evaluation will need --manifest", exc)
+        return {}
+
+
 def load_exported(path: str | Path) -> SpectralMAE:
-    """Rebuild the model from an exported file (``.safetensors`` or ``.pt``) and its JSON."""
+    """Rebuild the model from an exported file (``.safetensors`` or ``.pt``) and its JSON.
+
+    ``.pt`` files are read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file holds anything but tensors and plain data.
+    """
     path = Path(path)
     info = json.loads(path.with_suffix(".json").read_text())
     if path.suffix == ".safetensors":
@@ -94,7 +122,12 @@ def load_exported(path: str | Path) -> SpectralMAE:
 
         weights = load_file(str(path))
     else:
-        weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        try:
+            weights = torch.load(path, map_location="cpu", weights_only=True)["model"]
+        except Exception as exc:  # unpickling errors come in many types
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CheckpointError(f"'{path}' does not load with torch.load(weights_only=True) "
+                                  f"({reason})") from None
     model = SpectralMAE(ModelConfig(**info["model"]))
     model.load_state_dict(weights, strict=True)
     return model

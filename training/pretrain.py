@@ -28,7 +28,9 @@ import math
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):
     # Run as a script by the deepspeed launcher or torchrun: make the repository importable.
@@ -52,6 +54,7 @@ from training.data import (  # noqa: E402
     DataPosition,
     ShardSet,
     ShardStream,
+    iterate,
     make_loader,
     read_shard_set,
 )
@@ -204,6 +207,7 @@ def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan
     derived = {
         "event": "stage_start", "stage": stage.name, "stage_index": index,
         "dataset": f"{shard_set.dataset}/{shard_set.split}", "shards": len(shard_set.shards),
+        "dataset_version": getattr(shard_set, "version", None),
         "dataset_samples": shard_set.num_samples, "img_size": m.img_size,
         "world_size": world_size, "device": str(device),
         "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
@@ -228,6 +232,64 @@ def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan
         derived["tokens_per_step"], m.num_tokens, m.num_visible, enc / 1e6, dec / 1e6,
         (enc + dec) / 1e6, derived["zero_stage"], run.bf16)
     return derived
+
+
+# --------------------------------------------------------------------------- bad data
+
+
+class BadDataLog:
+    """Bad-data counters in ``metrics.jsonl``: a line whenever they changed, at log steps.
+
+    The counts travel with the batches (per data stream, cumulative for the stage) into the
+    :class:`~training.data.DataPosition` that the loop's ``track`` updates. This wrapper of
+    the batch iterator sums them over streams and processes (a collective at every log step,
+    on every rank alike) and rank 0 writes ``{"event": "bad_data", "step", "stage",
+    "bad_samples", "bad_shards"}`` after the step's loss line; :meth:`flush` ends the stage.
+    """
+
+    def __init__(self, position: DataPosition, *, rank: int, world_size: int,
+                 device: torch.device, stage: str, accumulation: int, log_every: int,
+                 start_step: int, start_global_step: int,
+                 metrics: report.MetricsWriter | None) -> None:
+        self.position, self.rank, self.world_size, self.device = position, rank, world_size, device
+        self.stage, self.accumulation, self.log_every = stage, accumulation, log_every
+        self.start_step, self.start_global_step = start_step, start_global_step
+        self.metrics = metrics
+        self.micro = 0
+        self.reported = self._totals()  # a resumed stage already reported its counts
+
+    def _totals(self) -> tuple[int, int]:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            counts = torch.tensor(self.position.bad_data(self.rank), dtype=torch.float64,
+                                  device=self.device)  # NCCL needs device tensors
+            torch.distributed.all_reduce(counts)
+            samples, shards = counts.cpu().tolist()
+            return int(samples), int(shards)
+        return self.position.bad_data(self.rank)
+
+    def wrap(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for batch in batches:
+            if self.micro and self.micro % self.accumulation == 0:
+                step = self.start_step + self.micro // self.accumulation
+                if step % self.log_every == 0:
+                    self.flush(step)
+            self.micro += 1
+            yield batch
+
+    def flush(self, stage_step: int) -> None:
+        """Write a line if the counts changed (every rank calls this: it is collective)."""
+        totals = self._totals()
+        if totals == self.reported:
+            return
+        self.reported = totals
+        if self.metrics is not None:
+            step = self.start_global_step + stage_step - self.start_step
+            self.metrics.write({"event": "bad_data", "step": step, "stage": self.stage,
+                                "stage_step": stage_step, "bad_samples": totals[0],
+                                "bad_shards": totals[1]})
+            logger.warning("stage '%s' step %d: %d bad shard(s) skipped, %d bad sample(s) "
+                           "rejected so far (on_bad_data: skip)", self.stage, stage_step,
+                           totals[1], totals[0])
 
 
 # --------------------------------------------------------------------------- the run
@@ -260,6 +322,8 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
     if resume is not None:
         ckpt_dir_found, resume_tag = checkpoint.resolve(Path(resume) if resume else run_dir)
         resume_state = checkpoint.read_state(ckpt_dir_found, resume_tag)
+        # Every rank, before DeepSpeed unpickles anything (it does not use weights_only).
+        checkpoint.check_weights_only(ckpt_dir_found / resume_tag)
         _check_resume_config(run, resume_state.config)
         if ckpt_dir_found.resolve() != ckpt_dir.resolve():
             ckpt_dir = ckpt_dir_found
@@ -308,6 +372,8 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
         if resume_here:
             assert resume_state is not None
             tag = checkpoint.universal_tag(ckpt_dir, resume_tag) if universal else resume_tag
+            if universal:
+                checkpoint.check_weights_only(ckpt_dir / tag)
             loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=tag,
                                                load_lr_scheduler_states=False)
             if loaded is None:
@@ -317,25 +383,31 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
                                "LR schedule follows the new length", stage.name, plan.steps,
                                resume_state.stage_steps)
             state = dataclasses.replace(resume_state, world_size=world_size,
-                                        stage_steps=plan.steps)
+                                        stage_steps=plan.steps, data=shard_set.describe())
             position = DataPosition.from_dict(state.data_position).resumed(world_size,
                                                                            num_workers)
         else:
             state = TrainerState(index, stage.name, 0, plan.steps, global_step, samples_seen,
-                                 world_size, {}, run.to_dict())
+                                 world_size, {}, run.to_dict(), shard_set.describe())
             position = DataPosition.start(world_size, num_workers)
         if metrics is not None:
             metrics.write({**derived, "step": state.global_step,
                            "resumed_at_stage_step": state.step_in_stage if resume_here else None})
 
+        bad_data = BadDataLog(position, rank=rank, world_size=world_size, device=device,
+                              stage=stage.name, accumulation=plan.accumulation,
+                              log_every=run.log_every, start_step=state.step_in_stage,
+                              start_global_step=state.global_step, metrics=metrics)
+
         def make_batches(pos: DataPosition, num_batches: int, *, _stage: StageConfig = stage,
                          _index: int = index, _ss: ShardSet = shard_set,
-                         _mb: int = plan.micro_batch) -> object:
+                         _mb: int = plan.micro_batch,
+                         _log: BadDataLog = bad_data) -> Iterator[dict[str, Any]]:
             stream = ShardStream(_ss, run, _stage, stage_index=_index, rank=rank,
                                  world_size=world_size, position=pos)
             loader = make_loader(stream, micro_batch=_mb, num_workers=run.num_workers,
                                  num_batches=num_batches, pin_memory=device.type == "cuda")
-            return iter(loader)
+            return _log.wrap(iterate(loader))
 
         ctx = StageContext(
             engine=engine, run=run, stage=stage, model_cfg=model.cfg,
@@ -347,6 +419,7 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
             bands=shard_set.bands,
             run_steps_left=sum(p.steps for p in plans[index:]) - state.step_in_stage)
         result = train_stage(ctx)
+        bad_data.flush(result.state.step_in_stage)
         if rank == 0:
             report.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         if result.stopped:
@@ -372,8 +445,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = load_config(args.config, args.overrides)
         # Check every stage's data before starting processes' collectives: errors stay one line.
-        shard_sets = [read_shard_set(run.manifest, s.dataset, s.split, run.model_for(s))
-                      for s in run.stages]
+        shard_sets = [read_shard_set(run.manifest, s.dataset, s.split, run.model_for(s),
+                                     version=run.dataset_version) for s in run.stages]
         run.deepspeed_config_path()
         return pretrain(run, shard_sets, args.resume)
     except TrainingError as exc:

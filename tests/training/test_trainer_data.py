@@ -1,10 +1,13 @@
-"""Loader contracts: manifest checks, exact resume position, normalisation, crops."""
+"""Loader contracts: manifest checks, exact resume position, normalisation, crops, bad
+shards and samples (skipped and counted, or fatal), dataset versions."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +20,16 @@ from training.config import RunConfig, load_config
 from training.data import (
     DataPosition,
     ShardStream,
+    decode_chip,
+    iterate,
     make_loader,
     normalise,
     random_resized_crop,
     read_shard_set,
+    tar_samples,
     track,
 )
-from training.errors import DataError
+from training.errors import ConfigError, DataError
 
 
 def _run(manifest: Path, *extra: str) -> RunConfig:
@@ -38,7 +44,8 @@ def _batches(run: RunConfig, manifest: Path, position: DataPosition, n: int, wor
     stream = ShardStream(ss, run, stage, stage_index=0, rank=rank, world_size=world,
                          position=position)
     out = []
-    for batch in make_loader(stream, micro_batch=3, num_workers=workers, num_batches=n):
+    loader = make_loader(stream, micro_batch=3, num_workers=workers, num_batches=n)
+    for batch in iterate(loader):
         track(position, rank, batch)
         out.append(batch)
     return out
@@ -147,17 +154,275 @@ def test_band_count_mismatch_is_refused(tmp_path: Path) -> None:
         read_shard_set(manifest, "s96_g10m", "train", run.model_for(run.stages[0]))
 
 
-def test_pickled_arrays_are_not_decoded(manifest: Path, tmp_path: Path) -> None:
-    """The .npy members are read with allow_pickle=False: an object array is refused."""
-    path, data = _copy(manifest, tmp_path)
-    shard = path.parent / "s96_g10m" / "train-000000.tar"
+class _Payload:
+    """Unpickling this runs ``os.mkdir(marker)``: proof that something was executed."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def _npy(arr: np.ndarray, allow_pickle: bool = False) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with wds.TarWriter(str(shard)) as sink:
-        sink.write({"__key__": "bad", "npy": buf.getvalue(), "json": {}})
-    data["datasets"]["s96_g10m"]["splits"]["train"]["shards"] = \
-        data["datasets"]["s96_g10m"]["splits"]["train"]["shards"][:1]
-    path.write_text(json.dumps(data))
-    run = _run(path)
-    with pytest.raises(ValueError, match="allow_pickle"):
-        _batches(run, path, DataPosition.start(1, 1), 1, 0)
+    np.save(buf, arr, allow_pickle=allow_pickle)
+    return buf.getvalue()
+
+
+def _four_shards(tmp_path: Path) -> Path:
+    """One data set, 12 train samples in 4 shards of 3 (2 workers -> 2 shards per stream)."""
+    return write_dataset(tmp_path, sizes={"s96_g10m": 96}, samples={"train": 12}, shard_size=3)
+
+
+def _shard(manifest: Path, i: int) -> Path:
+    return manifest.parent / "s96_g10m" / f"train-{i:06d}.tar"
+
+
+def _stage_run(manifest: Path, *extra: str) -> RunConfig:
+    return _run(manifest, "stages=[{name: a, dataset: s96_g10m, img_size: 96, samples: 12}]",
+                *extra)
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _garbage_second_half(path: Path) -> None:
+    data = path.read_bytes()
+    noise = np.random.default_rng(0).integers(0, 256, len(data) - len(data) // 2, np.uint8)
+    path.write_bytes(data[: len(data) // 2] + noise.tobytes())
+
+
+def _garbage(path: Path) -> None:
+    size = path.stat().st_size
+    path.write_bytes(np.random.default_rng(1).integers(0, 256, size, np.uint8).tobytes())
+
+
+def _unlisted_size(manifest: Path) -> None:
+    """An older manifest without shard sizes: the damage must be found while reading."""
+    data = json.loads(manifest.read_text())
+    for shard in data["datasets"]["s96_g10m"]["splits"]["train"]["shards"]:
+        shard.pop("bytes")
+    manifest.write_text(json.dumps(data))
+
+
+@pytest.mark.parametrize("damage, unlisted", [
+    (_truncate, False), (_truncate, True), (_garbage_second_half, False), (_garbage, False)],
+    ids=["truncated", "truncated-no-size-in-manifest", "garbage-second-half", "garbage"])
+def test_a_damaged_shard_is_skipped_once_and_counted(tmp_path: Path, damage,
+                                                      unlisted: bool) -> None:
+    manifest = _four_shards(tmp_path)
+    damage(_shard(manifest, 0))
+    if unlisted:
+        _unlisted_size(manifest)
+    run = _stage_run(manifest)
+    position = DataPosition.start(1, 1)
+    batches = _batches(run, manifest, position, 12, 0)  # one stream drawing from all 4 shards
+    assert position.bad_data() == (0, 1)  # skipped, not drawn again
+    assert all(torch.isfinite(b["image"]).all() for b in batches)
+    if damage is _truncate and not unlisted:  # the size check refuses it before reading
+        first = {f"{k}" for k in _keys(_shard(_four_shards(tmp_path / "clean"), 0))}
+        assert not first & {k for b in batches for k in b["key"]}
+
+
+def _keys(shard: Path) -> list[str]:
+    return [s["__key__"] for s in wds.WebDataset(str(shard), shardshuffle=False)]
+
+
+def test_bad_shard_counts_travel_with_the_batches_from_every_worker(tmp_path: Path) -> None:
+    manifest = _four_shards(tmp_path)
+    _truncate(_shard(manifest, 0))  # stream 0 reads shards 0 and 2
+    _garbage(_shard(manifest, 1))  # stream 1 reads shards 1 and 3
+    run = _stage_run(manifest)
+    position = DataPosition.start(1, 2)
+    batches = _batches(run, manifest, position, 8, 2)
+    assert position.bad_shards == [[1, 1]] and position.bad_data() == (0, 2)
+    assert {b["worker"][0].item() for b in batches} == {0, 1}
+    # The counts are saved with the position (checkpoints) and survive a resume.
+    saved = DataPosition.from_dict(json.loads(json.dumps(position.to_dict())))
+    assert saved.resumed(1, 2).bad_shards == [[1, 1]]
+    assert DataPosition.from_dict({k: v for k, v in position.to_dict().items()
+                                   if not k.startswith("bad")}).bad_data() == (0, 0)
+
+
+def _bad_sample_shard(path: Path, marker: Path) -> list[str]:
+    """Rewrite ``path`` with 3 good chips and one bad sample of each kind; return good keys."""
+    rng = np.random.default_rng(0)
+    good = [rng.integers(1, 10000, (12, 96, 96), dtype=np.uint16) for _ in range(3)]
+    bad = {
+        "shape": _npy(rng.integers(1, 10000, (12, 48, 48), dtype=np.uint16)),
+        "bands": _npy(rng.integers(1, 10000, (10, 96, 96), dtype=np.uint16)),
+        "dtype": _npy(rng.random((12, 96, 96)).astype(np.float32)),
+        "pickle": _npy(np.array([_Payload(marker)], dtype=object), allow_pickle=True),
+        "notnpy": b"garbage, not an array",
+    }
+    with wds.TarWriter(str(path)) as sink:
+        for i, chip in enumerate(good):
+            sink.write({"__key__": f"good{i}", "npy": _npy(chip), "json": {}})
+        for name, data in bad.items():
+            sink.write({"__key__": f"bad_{name}", "npy": data, "json": {}})
+        sink.write({"__key__": "bad_nonpy", "json": {}})
+    return [f"good{i}" for i in range(3)]
+
+
+def _relist(manifest: Path, shards: int = 1) -> None:
+    """Keep the first ``shards`` shards, with their real sizes and sample counts."""
+    data = json.loads(manifest.read_text())
+    split = data["datasets"]["s96_g10m"]["splits"]["train"]
+    split["shards"] = split["shards"][:shards]
+    for shard in split["shards"]:
+        path = manifest.parent / shard["path"]
+        shard.update(bytes=path.stat().st_size, num_samples=len(_keys(path)))
+    split["num_samples"] = sum(s["num_samples"] for s in split["shards"])
+    manifest.write_text(json.dumps(data))
+
+
+def test_bad_samples_are_rejected_counted_and_never_unpickled(tmp_path: Path) -> None:
+    manifest = _four_shards(tmp_path)
+    marker = tmp_path / "pickle-ran"
+    good = _bad_sample_shard(_shard(manifest, 0), marker)
+    _relist(manifest)
+    run = _stage_run(manifest)
+    position = DataPosition.start(1, 1)
+    batches = _batches(run, manifest, position, 4, 0)
+    assert {k for b in batches for k in b["key"]} == set(good)
+    # 6 rejected per pass over the shard; the stream passed over it at least twice.
+    samples, shards = position.bad_data()
+    assert shards == 0 and samples >= 12 and samples % 6 == 0
+    assert not marker.exists()
+
+
+def test_a_shard_of_only_bad_samples_is_one_clear_error(tmp_path: Path) -> None:
+    manifest = _four_shards(tmp_path)
+    marker = tmp_path / "pickle-ran"
+    path = _shard(manifest, 0)
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "bad", "npy": _npy(np.array([_Payload(marker)], dtype=object),
+                                                 allow_pickle=True), "json": {}})
+    _relist(manifest)
+    with pytest.raises(DataError, match="no usable sample in any of the 1 shard"):
+        _batches(_stage_run(manifest), manifest, DataPosition.start(1, 1), 1, 0)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_on_bad_data_fail_stops_with_one_line(tmp_path: Path, workers: int) -> None:
+    manifest = _four_shards(tmp_path)
+    _truncate(_shard(manifest, 2))
+    run = _stage_run(manifest, "on_bad_data=fail")
+    with pytest.raises(DataError) as info:
+        _batches(run, manifest, DataPosition.start(1, max(workers, 1)), 8, workers)
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert "train-000002.tar is unreadable" in message and "on_bad_data: fail" in message
+
+
+def test_on_bad_data_fail_refuses_a_pickled_sample(tmp_path: Path) -> None:
+    manifest = _four_shards(tmp_path)
+    marker = tmp_path / "pickle-ran"
+    _bad_sample_shard(_shard(manifest, 0), marker)
+    _relist(manifest)
+    with pytest.raises(DataError, match="sample 'bad_shape' .* expected uint16 \\[12, 96, 96\\]"):
+        _batches(_stage_run(manifest, "on_bad_data=fail"), manifest, DataPosition.start(1, 1),
+                 4, 0)
+    path = _shard(manifest, 0)
+    with wds.TarWriter(str(path)) as sink:
+        sink.write({"__key__": "evil", "npy": _npy(np.array([_Payload(marker)], dtype=object),
+                                                  allow_pickle=True), "json": {}})
+    _relist(manifest)
+    with pytest.raises(DataError, match="sample 'evil' .* is object"):
+        _batches(_stage_run(manifest, "on_bad_data=fail"), manifest, DataPosition.start(1, 1),
+                 1, 0)
+    assert not marker.exists()
+
+
+def test_tar_members_are_read_into_memory_not_extracted(tmp_path: Path) -> None:
+    """A member named like a path outside the tree is only read; a symlink is refused."""
+    target = tmp_path / "outside.npy"
+    data = _npy(np.zeros((12, 96, 96), np.uint16))
+
+    def tar_of(*members: tarfile.TarInfo) -> Path:
+        path = tmp_path / "evil.tar"
+        with tarfile.open(path, "w") as tar:
+            for info in members:
+                tar.addfile(info, io.BytesIO(data) if info.isfile() else None)
+        return path
+
+    outside, plain = tarfile.TarInfo(f"../{target.name}"), tarfile.TarInfo("plain.npy")
+    outside.size = plain.size = len(data)
+    with tar_of(outside, plain).open("rb") as fh:
+        samples = list(tar_samples(fh))
+    assert [k for k, _ in samples] == [f"../{target.stem}", "plain"] and not target.exists()
+    assert decode_chip(samples[0][1]["npy"], (12, 96, 96)).shape == (12, 96, 96)
+    link = tarfile.TarInfo("link.npy")
+    link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    with tar_of(link).open("rb") as fh, pytest.raises(ValueError, match="not a regular file"):
+        list(tar_samples(fh))
+
+
+# --------------------------------------------------------------------------- dataset versions
+
+
+def _two_versions(tmp_path: Path) -> tuple[Path, dict]:
+    """A hand-edited manifest: version 1 added shard 0, version 2 added shard 1."""
+    manifest = write_dataset(tmp_path, sizes={"s96_g10m": 96}, samples={"train": 9})
+    data = json.loads(manifest.read_text())
+    entry = data["datasets"]["s96_g10m"]
+    shards = entry["splits"]["train"]["shards"]
+    stats1 = {**entry["stats"], "mean": [100.0 + b for b in range(12)]}
+    data["versions"] = [
+        {"version": v, "items": [], "failed": [], "datasets": {"s96_g10m": {
+            "splits": {"train": {"num_samples": shard["num_samples"], "shards": [shard]},
+                       "val": {"num_samples": 0, "shards": []}},
+            "dropped": {}, "stats": stats}}}
+        for v, shard, stats in ((1, shards[0], stats1), (2, shards[1], entry["stats"]))]
+    data["latest_version"] = 2
+    manifest.write_text(json.dumps(data))
+    return manifest, data
+
+
+def test_dataset_version_pins_shards_and_statistics(tmp_path: Path) -> None:
+    manifest, data = _two_versions(tmp_path)
+    model = _run(manifest).model_for(_run(manifest).stages[0])
+    entry = data["datasets"]["s96_g10m"]
+    latest = read_shard_set(manifest, "s96_g10m", "train", model)
+    assert (latest.version, latest.num_samples, len(latest.shards)) == (2, 9, 2)
+    assert list(latest.mean) == entry["stats"]["mean"]
+    one = read_shard_set(manifest, "s96_g10m", "train", model, version=1)
+    assert (one.version, one.num_samples, one.shards) == (1, 6, latest.shards[:1])
+    assert list(one.mean) == [100.0 + b for b in range(12)]
+    assert one.shard_bytes == latest.shard_bytes[:1]
+    two = read_shard_set(manifest, "s96_g10m", "train", model, version=2)
+    assert (two.shards, two.mean, two.num_samples) == (latest.shards, latest.mean, 9)
+    assert one.describe()["version"] == 1 and one.describe()["mean"] == list(one.mean)
+    with pytest.raises(DataError, match=r"dataset_version 3 is not in manifest .* \(versions 1, 2\)"):
+        read_shard_set(manifest, "s96_g10m", "train", model, version=3)
+
+
+def test_a_manifest_without_versions_reads_as_latest(manifest: Path) -> None:
+    model = _run(manifest).model_for(_run(manifest).stages[0])
+    latest = read_shard_set(manifest, "s96_g10m", "train", model)
+    assert latest.version is None
+    assert read_shard_set(manifest, "s96_g10m", "train", model, version=1).shards == \
+        latest.shards
+    with pytest.raises(DataError, match="lists no versions .* use dataset_version: latest"):
+        read_shard_set(manifest, "s96_g10m", "train", model, version=2)
+
+
+@pytest.mark.parametrize("value, ok", [("latest", True), ("3", True), ("0", False),
+                                       ("newest", False), ("true", False)])
+def test_dataset_version_and_on_bad_data_config_keys(manifest: Path, value: str,
+                                                     ok: bool) -> None:
+    if ok:
+        run = _run(manifest, f"dataset_version={value}")
+        assert run.dataset_version == (value if value == "latest" else int(value))
+        assert run.on_bad_data == "skip"
+        assert load_config(overrides=[f"dataset_version={value}"]).to_dict()[
+            "dataset_version"] == run.dataset_version
+    else:
+        with pytest.raises(ConfigError, match="dataset_version"):
+            _run(manifest, f"dataset_version={value}")
+    with pytest.raises(ConfigError, match="on_bad_data"):
+        _run(manifest, "on_bad_data=ignore")
