@@ -326,8 +326,10 @@ def _cube_with_retry(u: Unit, cfg: BuildConfig, path: Path, patch_url: Any) -> s
         except Exception as e:  # HTTP errors, resets, truncated files: GDAL/odc-stac raise many types
             last = e
             signer = getattr(patch_url, "__self__", None)
-            if signer is not None and "403" in str(e):
-                signer.token(force=True)  # an expired or revoked signature: sign again
+            if signer is not None:
+                # an expired or revoked signature (HTTP 403) often reaches us wrapped by Dask as a
+                # bare "read failed": sign again before every retry, it costs one token request
+                signer.token(force=True)
             _clear_http_caches()
             if attempt < cfg.retries:
                 delay = cfg.retry_backoff_s * 2**attempt
