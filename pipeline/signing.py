@@ -31,6 +31,17 @@ class TokenSigner:
         self._expiry: dt.datetime | None = None
         self._lock = threading.Lock()
 
+    def __getstate__(self) -> dict[str, object]:
+        # Dask pickles the read tasks (and this signer with them) to send them to workers;
+        # a lock does not pickle, and each worker needs only its own
+        state = dict(self.__dict__)
+        state.pop("_lock")
+        return state
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def _fetch(self) -> None:
         r = requests.get(self.token_url, timeout=self.timeout)
         r.raise_for_status()

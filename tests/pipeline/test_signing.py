@@ -34,3 +34,14 @@ def test_local_paths_are_not_signed(token_server: tuple[str, list[str]]) -> None
     sign = make_patch_url("planetary_computer", url)
     assert sign is not None and sign("file:///data/B04.tif") == "file:///data/B04.tif" and not issued
     assert make_patch_url("none", None) is None
+
+
+def test_signer_pickles_for_dask_workers(token_server: tuple[str, list[str]]) -> None:
+    import pickle
+
+    url, issued = token_server
+    s = TokenSigner(url)
+    s.sign("https://example.blob.core.windows.net/c/B04.tif")
+    s.sign("https://example.blob.core.windows.net/c/B04.tif")  # token 2 (token 1 was issued expired)
+    copy = pickle.loads(pickle.dumps(s))
+    assert copy.sign("https://x.example/B02.tif").endswith("secret2") and len(issued) == 2
