@@ -37,7 +37,10 @@ def staging_dir(url: str) -> Path:
 def filesystem(url: str) -> tuple[Any, str]:
     import fsspec
 
-    fs, path = fsspec.core.url_to_fs(url)
+    # a fresh instance, without listing cache: fsspec would otherwise reuse a filesystem made
+    # for an earlier endpoint/credentials in this process and answer from stale listings
+    opts = {"skip_instance_cache": True, "use_listings_cache": False} if not url.startswith("file:") else {}
+    fs, path = fsspec.core.url_to_fs(url, **opts)
     return fs, path.rstrip("/")
 
 
