@@ -112,8 +112,9 @@ def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, 
     return units, dropped
 
 
-def clear_gdal_http_cache() -> None:
-    """Forget GDAL's /vsicurl/ cache (file sizes, existence, blocks) in this process.
+def clear_gdal_http_cache(url: str | None = None) -> None:
+    """Forget GDAL's /vsicurl/ cache (file sizes, existence, blocks) in this process,
+    for one remote `url` only when given (`VSICurlPartialClearCache`), else all of it.
 
     GDAL remembers a failed or partial HTTP answer for a URL; without clearing, a retry
     would see the cached failure instead of asking the server again. rasterio does not
@@ -128,7 +129,11 @@ def clear_gdal_http_cache() -> None:
     here = os.path.dirname(rasterio.__file__)
     for lib in sorted(glob.glob(os.path.join(here, "..", "rasterio.libs", "libgdal*"))) or ["libgdal.so"]:
         try:
-            ctypes.CDLL(lib).VSICurlClearCache()
+            gdal = ctypes.CDLL(lib)
+            if url is None:
+                gdal.VSICurlClearCache()
+            else:
+                gdal.VSICurlPartialClearCache(ctypes.c_char_p(f"/vsicurl/{url}".encode()))
             return
         except (OSError, AttributeError):
             continue

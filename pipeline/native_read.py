@@ -17,6 +17,7 @@ and bilinear. Upsampling follows GDAL's pixel-centre convention; bilinear is nod
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -131,8 +132,39 @@ def band_array(
     return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks=(yc, xc), dtype=dtype)
 
 
+# A remote block read that fails is retried in place this many times. GDAL retries HTTP
+# 5xx itself (GDAL_HTTP_MAX_RETRY) but not a reset connection or a body cut short; without
+# this, one such fault sends the whole grid (every band, every block) back to
+# `stages._cube_with_retry`, and at a 20 % fault rate a 12-band grid rarely gets through.
+BLOCK_RETRIES = 3
+BLOCK_BACKOFF_S = 0.25
+
+
 def _read_signed(href: str, patch_url: Callable[[str], str] | None, *args: Any) -> np.ndarray:
-    return read_block(patch_url(href) if patch_url else href, *args)  # signed just before the read
+    from rasterio.errors import RasterioIOError
+
+    remote = "://" in href
+    for attempt in range(BLOCK_RETRIES + 1 if remote else 1):
+        url = patch_url(href) if patch_url else href  # signed just before the read
+        try:
+            return read_block(url, *args)
+        except RasterioIOError:
+            if attempt == BLOCK_RETRIES or not remote:
+                raise
+            _forget(url)
+            time.sleep(BLOCK_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _forget(url: str) -> None:
+    """Drop this thread's handle on `url` and GDAL's cached bytes of it, so a retry refetches."""
+    from pipeline.cube import clear_gdal_http_cache
+
+    with _handles_lock:
+        ds = _handles.pop((threading.get_ident(), url), None)
+    if ds is not None:
+        ds.close()
+    clear_gdal_http_cache(url)
 
 
 def _split(n: int, c: int) -> tuple[int, ...]:
