@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +13,7 @@ import pytest
 import rasterio
 
 from pipeline.build_shards import main
+from tests.helpers.loopback import serve_get
 from tests.helpers.paths import REPO
 from tests.pipeline.conftest import read_dataset
 
@@ -101,22 +100,8 @@ def test_corrupt_inputs_rejected_with_reasons(tmp_path: Path, report) -> None:  
 
 @pytest.fixture
 def not_stac() -> Iterator[str]:
-    class H(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            body = b"<html><body>a web page, not a STAC API</body></html>"
-            self.send_response(200)
-            self.send_header("Content-Type", "text/html")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *a: object) -> None:
-            pass
-
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}/"
-    srv.shutdown()
+    with serve_get(lambda _path: (b"<html><body>a web page, not a STAC API</body></html>", "text/html")) as url:
+        yield url + "/"
 
 
 @pytest.mark.parametrize(

@@ -247,6 +247,14 @@ def test_bad_shard_counts_travel_with_the_batches_from_every_worker(tmp_path: Pa
                                    if not k.startswith("bad")}).bad_data() == (0, 0)
 
 
+def _only_pickled_sample(manifest: Path, marker: Path, key: str) -> None:
+    """Rewrite shard 0 as one sample whose .npy is a pickled `_Payload`, and relist it."""
+    with wds.TarWriter(str(_shard(manifest, 0))) as sink:
+        sink.write({"__key__": key, "npy": _npy(np.array([_Payload(marker)], dtype=object), allow_pickle=True),
+                    "json": {}})
+    _relist(manifest)
+
+
 def _bad_sample_shard(path: Path, marker: Path) -> list[str]:
     """Rewrite ``path`` with 3 good chips and one bad sample of each kind; return good keys."""
     rng = np.random.default_rng(0)
@@ -297,11 +305,7 @@ def test_bad_samples_are_rejected_counted_and_never_unpickled(tmp_path: Path) ->
 def test_a_shard_of_only_bad_samples_is_one_clear_error(tmp_path: Path) -> None:
     manifest = _four_shards(tmp_path)
     marker = tmp_path / "pickle-ran"
-    path = _shard(manifest, 0)
-    with wds.TarWriter(str(path)) as sink:
-        sink.write({"__key__": "bad", "npy": _npy(np.array([_Payload(marker)], dtype=object),
-                                                 allow_pickle=True), "json": {}})
-    _relist(manifest)
+    _only_pickled_sample(manifest, marker, "bad")
     with pytest.raises(DataError, match="no usable sample in any of the 1 shard"):
         _batches(_stage_run(manifest), manifest, DataPosition.start(1, 1), 1, 0)
     assert not marker.exists()
@@ -327,11 +331,7 @@ def test_on_bad_data_fail_refuses_a_pickled_sample(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="sample 'bad_shape' .* expected uint16 \\[12, 96, 96\\]"):
         _batches(_stage_run(manifest, "on_bad_data=fail"), manifest, DataPosition.start(1, 1),
                  4, 0)
-    path = _shard(manifest, 0)
-    with wds.TarWriter(str(path)) as sink:
-        sink.write({"__key__": "evil", "npy": _npy(np.array([_Payload(marker)], dtype=object),
-                                                  allow_pickle=True), "json": {}})
-    _relist(manifest)
+    _only_pickled_sample(manifest, marker, "evil")
     with pytest.raises(DataError, match="sample 'evil' .* is object"):
         _batches(_stage_run(manifest, "on_bad_data=fail"), manifest, DataPosition.start(1, 1),
                  1, 0)
