@@ -185,25 +185,23 @@ def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Data
     want = bands + (["SCL"] if any(with_scl) else [])
     ych, load_y = cube_row_chunks(cfg)
     chunk = min(cfg.cube_chunk, max(unit.shape))
-    native = _native_load(unit, want, resampling, (min(load_y, unit.shape[0]), chunk), patch_url)
+    offsets = [sc.harmonisation.offset_dn for sc in unit.scenes]
+    chunks = (min(load_y, unit.shape[0]), chunk)
+    native = _native_load(unit, bands, any(with_scl), resampling, chunks, offsets, patch_url)
     if native is not None:
-        ds = native
+        dn, scl = native
     else:
-        ds = _odc_load(unit, want, resampling, (min(load_y, unit.shape[0]), chunk), patch_url)
+        ds = _odc_load(unit, want, resampling, chunks, patch_url)
+        if ds.sizes["time"] != len(unit.scenes):
+            raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time slices for {len(unit.scenes)} items of {unit.id}")
+        dn = ds[bands].to_dataarray("band").transpose("time", "band", "y", "x")
+        dn = apply_offsets(dn, xr.DataArray(np.array(offsets, dtype=np.int32), dims=["time"]))
+        if "SCL" in ds:
+            has = xr.DataArray(np.array(with_scl), dims=["time"])
+            scl = ds["SCL"].astype(np.uint8).where(has, SCL_MISSING).astype(np.uint8)
+        else:
+            scl = xr.full_like(dn.isel(band=0), SCL_MISSING, dtype=np.uint8)
     order = [sc.id for sc in unit.scenes]
-    if ds.sizes["time"] != len(order):
-        raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time slices for {len(order)} items of {unit.id}")
-    dn = ds[bands].to_dataarray("band").transpose("time", "band", "y", "x")
-    offsets = xr.DataArray(
-        np.array([sc.harmonisation.offset_dn for sc in unit.scenes], dtype=np.int32), dims=["time"]
-    )
-    dn = apply_offsets(dn, offsets)
-    if "SCL" in ds:
-        scl = ds["SCL"].astype(np.uint8)
-        has = xr.DataArray(np.array(with_scl), dims=["time"])
-        scl = scl.where(has, SCL_MISSING).astype(np.uint8)
-    else:
-        scl = xr.full_like(dn.isel(band=0), SCL_MISSING, dtype=np.uint8)
     out = xr.Dataset({"dn": dn, "scl": scl})
     # Band names and scene ids live in attrs: string coordinates have no stable zarr v3 encoding.
     out = out.drop_vars([c for c in ("band",) if c in out.coords])
@@ -227,49 +225,38 @@ def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Data
 
 
 def _native_load(
-    unit: Unit, want: list[str], resampling: dict[str, str], chunks: tuple[int, int], patch_url: Any
-) -> xr.Dataset | None:
-    """The aligned-grid fast path (see `pipeline.native_read`), or None when it does not apply."""
-    from pipeline.native_read import aligned_factor, band_array
+    unit: Unit, bands: list[str], with_scl: bool, resampling: dict[str, str], chunks: tuple[int, int],
+    offsets: list[int], patch_url: Any,
+) -> tuple[xr.DataArray, xr.DataArray] | None:
+    """The aligned-grid fast path (see `pipeline.native_read`): harmonised (dn, scl) arrays,
+    or None when it does not apply."""
+    from pipeline.native_read import BandRead, aligned_factor, cube_arrays
 
-    if any(resampling[b] not in ("nearest", "bilinear") for b in want if b in resampling):
+    want = bands + (["SCL"] if with_scl else [])
+    if any(resampling[b] not in ("nearest", "bilinear") for b in want):
         return None
-    plan: dict[str, list[tuple[str, int, tuple[int, int]] | None]] = {b: [] for b in want}
+    dn_reads: list[list[BandRead]] = []
+    scl_reads: list[BandRead | None] = []
     for sc in unit.scenes:
+        reads: dict[str, BandRead | None] = {}
         for b in want:
             a = sc.item["assets"].get(b)
             if a is None:
                 if b == "SCL":
-                    plan[b].append(None)
+                    reads[b] = None  # this date has no SCL: filled with SCL_MISSING
                     continue
                 return None
             k = aligned_factor(a, unit.transform, unit.shape)
             if k is None:
                 return None
-            plan[b].append((sc.hrefs[b], k, (int(a["proj:shape"][0]), int(a["proj:shape"][1]))))
-    env = dict(GDAL_CLOUD_ENV)
-    data: dict[str, xr.DataArray] = {}
-    for b in want:
-        dtype = np.uint8 if b == "SCL" else np.uint16
-        per_time = []
-        for entry in plan[b]:
-            if entry is None:  # this date has no SCL: filled below
-                per_time.append(da_full(unit.shape, chunks, dtype))
-                continue
-            href, k, src_shape = entry
-            per_time.append(band_array(href, k, resampling.get(b, "nearest"), unit.shape, src_shape, chunks, dtype, env, patch_url))
-        import dask.array as dsa
-
-        data[b] = xr.DataArray(dsa.stack(per_time), dims=("time", "y", "x"))
+            reads[b] = BandRead(sc.hrefs[b], k, resampling[b], (int(a["proj:shape"][0]), int(a["proj:shape"][1])))
+        dn_reads.append([r for b, r in reads.items() if b != "SCL"])  # type: ignore[misc]
+        scl_reads.append(reads.get("SCL"))
+    dn, scl = cube_arrays(dn_reads, scl_reads, offsets, unit.shape, chunks, dict(GDAL_CLOUD_ENV), patch_url, SCL_MISSING)
     a, _, c, _, e, f = unit.transform
     coords = {"y": f + (np.arange(unit.shape[0]) + 0.5) * e, "x": c + (np.arange(unit.shape[1]) + 0.5) * a}
-    return xr.Dataset(data, coords=coords)
-
-
-def da_full(shape: tuple[int, int], chunks: tuple[int, int], dtype: Any) -> Any:
-    import dask.array as dsa
-
-    return dsa.zeros(shape, chunks=chunks, dtype=dtype)
+    return (xr.DataArray(dn, dims=("time", "band", "y", "x"), coords=coords),
+            xr.DataArray(scl, dims=("time", "y", "x"), coords=coords))
 
 
 def _odc_load(

@@ -30,17 +30,30 @@ PERCENTILES = (1, 2, 50, 98, 99)
 
 def encode_sample(data: np.ndarray, meta: dict[str, Any]) -> tuple[bytes, bytes]:
     """`.npy` bytes (no pickle possible: plain uint16) and canonical JSON bytes."""
+    head, body = npy_parts(data)
+    return head + body.tobytes(), encode_meta(meta)
+
+
+def npy_parts(data: np.ndarray) -> tuple[bytes, memoryview]:
+    """The `.npy` file of `data` as (header bytes, a byte view of the array): written out
+    in two parts, the array is never copied into an intermediate buffer."""
+    arr = np.ascontiguousarray(data)
     buf = io.BytesIO()
-    np.lib.format.write_array(buf, data, allow_pickle=False)
-    return buf.getvalue(), json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    np.lib.format.write_array_header_1_0(buf, np.lib.format.header_data_from_array_1_0(arr))
+    return buf.getvalue(), memoryview(arr.reshape(-1)).cast("B")
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
 
 
 def band_histogram(data: np.ndarray) -> np.ndarray:
     """[C, 65536] int64 counts of valid (non-zero) values per band of [C,H,W] or [T,C,H,W]."""
     c = data.shape[-3]
     flat = np.moveaxis(data.reshape(-1, c, data.shape[-2] * data.shape[-1]), 1, 0).reshape(c, -1)
-    offs = (np.arange(c, dtype=np.int64) * N_BINS)[:, None]
-    hist = np.bincount((flat.astype(np.int64) + offs).ravel(), minlength=c * N_BINS).reshape(c, N_BINS)
+    # one bincount per band on the uint16 values: 2x faster than one bincount over
+    # band-offset int64 indices (no 8-byte index array, no offset pass; measured)
+    hist = np.stack([np.bincount(flat[b], minlength=N_BINS) for b in range(c)]).astype(np.int64, copy=False)
     hist[:, 0] = 0  # 0 = nodata
     return hist
 
@@ -133,7 +146,6 @@ class ShardWriter:
     index: int = 0
     with_hist: bool = False
     on_close: Any = None
-    _tar: tarfile.TarFile | None = field(default=None, repr=False)
     _raw: Any = field(default=None, repr=False)
     _hf: _HashingFile | None = field(default=None, repr=False)
     _count: int = 0
@@ -148,33 +160,40 @@ class ShardWriter:
         final.parent.mkdir(parents=True, exist_ok=True)
         self._raw = open(final.with_name(final.name + ".tmp"), "wb")
         self._hf = _HashingFile(self._raw)
-        self._tar = tarfile.open(fileobj=self._hf, mode="w", format=tarfile.GNU_FORMAT)
         self._count = 0
         self._hist = np.zeros((12, N_BINS), dtype=np.int64) if self.with_hist else None
         self._pending = []
 
-    @staticmethod
-    def _member(name: str, payload: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
+    def _member(self, name: str, size: int, *parts: bytes | memoryview) -> None:
+        """One tar member, written straight through the hashing file: header, payload
+        parts, NUL padding to the 512-byte block (what `tarfile.addfile` writes, without
+        its 16 KB copy loop through an intermediate buffer)."""
         ti = tarfile.TarInfo(name)
-        ti.size = len(payload)
+        ti.size = size
         ti.mtime = 0  # deterministic bytes
         ti.mode = 0o444
         ti.uid = ti.gid = 0
         ti.uname = ti.gname = ""
-        return ti, io.BytesIO(payload)
+        assert self._hf is not None
+        self._hf.write(ti.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape"))
+        for part in parts:
+            self._hf.write(part)
+        if size % tarfile.BLOCKSIZE:
+            self._hf.write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
 
     def write(self, key: str, data: np.ndarray, meta: dict[str, Any]) -> None:
-        npy, js = encode_sample(data, meta)
-        size = len(npy) + len(js) + 3 * 512  # two headers + padding, upper bound
-        if self._tar is not None and self._count > 0 and (
-            self._count >= self.max_samples or self._hf.n + size > self.max_bytes  # type: ignore[union-attr]
+        head, body = npy_parts(data)
+        js = encode_meta(meta)
+        npy_size = len(head) + len(body)
+        size = npy_size + len(js) + 3 * 512  # two headers + padding, upper bound
+        if self._hf is not None and self._count > 0 and (
+            self._count >= self.max_samples or self._hf.n + size > self.max_bytes
         ):
             self.close_shard()
-        if self._tar is None:
+        if self._hf is None:
             self._open()
-        assert self._tar is not None
-        self._tar.addfile(*self._member(f"{key}.npy", npy))
-        self._tar.addfile(*self._member(f"{key}.json", js))
+        self._member(f"{key}.npy", npy_size, head, body)
+        self._member(f"{key}.json", len(js), js)
         self._count += 1
         if self._hist is not None:
             # one bincount per 64 chips: each call zero-fills a 12 x 65536 int64 table (6 MB),
@@ -194,11 +213,13 @@ class ShardWriter:
         self._pending = []
 
     def close_shard(self) -> ShardRecord | None:
-        if self._tar is None:
+        if self._hf is None:
             return None
         self._flush_hist()
-        self._tar.close()  # writes the end-of-archive blocks through the hashing wrapper
-        assert self._hf is not None
+        # end of archive as tarfile writes it: two zero blocks, then zeros to a whole record
+        self._hf.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+        if self._hf.n % tarfile.RECORDSIZE:
+            self._hf.write(tarfile.NUL * (tarfile.RECORDSIZE - self._hf.n % tarfile.RECORDSIZE))
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
@@ -206,7 +227,7 @@ class ShardWriter:
         os.replace(final.with_name(final.name + ".tmp"), final)
         rec = ShardRecord(f"{self.rel_dir}/{final.name}", self._count, self._hf.n, self._hf.h.hexdigest())
         hist = self._hist
-        self._tar = None
+        self._hf = None
         self.index += 1
         if self.on_close is not None:
             self.on_close(rec, hist)
@@ -214,12 +235,12 @@ class ShardWriter:
 
     def abandon(self) -> None:
         """Drop the open (incomplete) shard without publishing it."""
-        if self._tar is None:
+        if self._hf is None:
             return
         self._raw.close()
         final = self._final(self.index)
         final.with_name(final.name + ".tmp").unlink(missing_ok=True)
-        self._tar = None
+        self._hf = None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
