@@ -156,16 +156,26 @@ def box_fractions(mask: np.ndarray, col0: np.ndarray, width: int) -> np.ndarray:
 
 def quality_masks(dn: np.ndarray, scl: np.ndarray) -> dict[str, np.ndarray]:
     """Boolean masks [H, W] for one date: dn [C, H, W] uint16, scl [H, W] uint8."""
-    groups = sensor().scl_groups
-    nodata = (dn == 0).any(axis=0)
+    nodata = dn.min(axis=0) == 0  # any band at nodata (one pass; 2x faster than (dn == 0).any)
     masks = {"nodata": nodata}
     if (scl == SCL_MISSING).all():
         masks["invalid"] = nodata
         return masks
-    for name, classes in groups.items():
-        m = np.isin(scl, classes)
+    for name, lut in _scl_luts().items():
+        m = lut[scl]  # a 256-entry lookup: one gather, ~3x faster than np.isin on uint8
         masks[name] = (m | nodata) if name == "invalid" else m
     return masks
+
+
+@functools.cache
+def _scl_luts() -> dict[str, np.ndarray]:
+    """SCL class -> in group, per quality group (catalogs: sensor SCL groups)."""
+    luts = {}
+    for name, classes in sensor().scl_groups.items():
+        lut = np.zeros(256, dtype=bool)
+        lut[list(classes)] = True
+        luts[name] = lut
+    return luts
 
 
 # -- reading ------------------------------------------------------------------------
@@ -198,8 +208,13 @@ class RowBlocks:
             b1 = min(-(-y_hi // self.ych) * self.ych, self.cube.sizes["y"])
             if self._raw is not None:
                 dn_arr, scl_arr = self._raw
-                self._dn = np.stack([dn_arr[t, :, b0:b1, :width] for t in t_idx])
-                self._scl = np.stack([scl_arr[t, b0:b1, :width] for t in t_idx])
+                t0 = t_idx[0]
+                if t_idx == list(range(t0, t0 + len(t_idx))):  # consecutive dates: one read, no stacking copy
+                    self._dn = dn_arr[t0 : t0 + len(t_idx), :, b0:b1, :width]
+                    self._scl = scl_arr[t0 : t0 + len(t_idx), b0:b1, :width]
+                else:
+                    self._dn = np.stack([dn_arr[t, :, b0:b1, :width] for t in t_idx])
+                    self._scl = np.stack([scl_arr[t, b0:b1, :width] for t in t_idx])
             else:
                 self._dn = self.cube["dn"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
                 self._scl = self.cube["scl"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
