@@ -22,16 +22,18 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig
 from pipeline.errors import SceneError
 from pipeline.harmonise import apply_offsets
 from pipeline.search import Scene
+
+if TYPE_CHECKING:  # xarray (with pandas) costs ~0.7 s to import: only where it is used
+    import xarray as xr
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +141,7 @@ def clear_gdal_http_cache(url: str | None = None) -> None:
             continue
 
 
-def check_scene_assets(scene: Scene, *, patch_url: Any = None, threads: int = 8) -> None:
+def check_scene_assets(scene: Scene, *, patch_url: Any = None, threads: int = 8, gdal_env: dict[str, Any] | None = None) -> None:
     """Read every asset's header and compare it with the item's STAC metadata.
 
     Raises `SceneError` when a COG contradicts its item (CRS, shape or transform), because
@@ -154,7 +156,7 @@ def check_scene_assets(scene: Scene, *, patch_url: Any = None, threads: int = 8)
         href = scene.hrefs[band]
         meta = scene.item["assets"][band]
         url = patch_url(href) if patch_url else href
-        with rasterio.Env(**GDAL_CLOUD_ENV), rasterio.open(url) as r:
+        with rasterio.Env(**(gdal_env or GDAL_CLOUD_ENV)), rasterio.open(url) as r:
             epsg = r.crs.to_epsg() if r.crs else None
             if epsg != scene.epsg:
                 return f"asset {band}: CRS EPSG:{epsg} differs from the item's EPSG:{scene.epsg}"
@@ -174,8 +176,15 @@ def check_scene_assets(scene: Scene, *, patch_url: Any = None, threads: int = 8)
         raise SceneError(scene.id, problems[0])
 
 
-def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Dataset:
-    """Lazy Dask-backed harmonised cube of a unit (nothing is read until computed)."""
+def load_unit(
+    unit: Unit, cfg: BuildConfig, *, patch_url: Any = None, gdal_env: dict[str, Any] | None = None
+) -> xr.Dataset:
+    """Lazy Dask-backed harmonised cube of a unit (nothing is read until computed).
+
+    `gdal_env`: GDAL options for the reads (default `GDAL_CLOUD_ENV`; a source's own
+    settings, such as unsigned S3 access, go on top of it)."""
+    import xarray as xr
+
     s = sensor()
     bands = s.band_names
     res = cfg.resampling_full
@@ -187,11 +196,12 @@ def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Data
     chunk = min(cfg.cube_chunk, max(unit.shape))
     offsets = [sc.harmonisation.offset_dn for sc in unit.scenes]
     chunks = (min(load_y, unit.shape[0]), chunk)
-    native = _native_load(unit, bands, any(with_scl), resampling, chunks, offsets, patch_url)
+    env = dict(gdal_env or GDAL_CLOUD_ENV)
+    native = _native_load(unit, bands, any(with_scl), resampling, chunks, offsets, patch_url, env)
     if native is not None:
         dn, scl = native
     else:
-        ds = _odc_load(unit, want, resampling, chunks, patch_url)
+        ds = _odc_load(unit, want, resampling, chunks, patch_url, env)
         if ds.sizes["time"] != len(unit.scenes):
             raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time slices for {len(unit.scenes)} items of {unit.id}")
         dn = ds[bands].to_dataarray("band").transpose("time", "band", "y", "x")
@@ -226,10 +236,12 @@ def load_unit(unit: Unit, cfg: BuildConfig, *, patch_url: Any = None) -> xr.Data
 
 def _native_load(
     unit: Unit, bands: list[str], with_scl: bool, resampling: dict[str, str], chunks: tuple[int, int],
-    offsets: list[int], patch_url: Any,
+    offsets: list[int], patch_url: Any, env: dict[str, Any],
 ) -> tuple[xr.DataArray, xr.DataArray] | None:
     """The aligned-grid fast path (see `pipeline.native_read`): harmonised (dn, scl) arrays,
     or None when it does not apply."""
+    import xarray as xr
+
     from pipeline.native_read import BandRead, aligned_factor, cube_arrays
 
     want = bands + (["SCL"] if with_scl else [])
@@ -252,7 +264,7 @@ def _native_load(
             reads[b] = BandRead(sc.hrefs[b], k, resampling[b], (int(a["proj:shape"][0]), int(a["proj:shape"][1])))
         dn_reads.append([r for b, r in reads.items() if b != "SCL"])  # type: ignore[misc]
         scl_reads.append(reads.get("SCL"))
-    dn, scl = cube_arrays(dn_reads, scl_reads, offsets, unit.shape, chunks, dict(GDAL_CLOUD_ENV), patch_url, SCL_MISSING)
+    dn, scl = cube_arrays(dn_reads, scl_reads, offsets, unit.shape, chunks, env, patch_url, SCL_MISSING)
     a, _, c, _, e, f = unit.transform
     coords = {"y": f + (np.arange(unit.shape[0]) + 0.5) * e, "x": c + (np.arange(unit.shape[1]) + 0.5) * a}
     return (xr.DataArray(dn, dims=("time", "band", "y", "x"), coords=coords),
@@ -260,10 +272,13 @@ def _native_load(
 
 
 def _odc_load(
-    unit: Unit, want: list[str], resampling: dict[str, str], chunks: tuple[int, int], patch_url: Any
+    unit: Unit, want: list[str], resampling: dict[str, str], chunks: tuple[int, int], patch_url: Any,
+    env: dict[str, Any],
 ) -> xr.Dataset:
     """General path: odc-stac warps every band onto the unit's 10 m geobox."""
     import odc.stac
+
+    _configure_odc(env)
     import pystac
     from affine import Affine
     from odc.geo.geobox import GeoBox
@@ -310,6 +325,8 @@ def cube_path(output: Path, unit: Unit, version: int = 1) -> Path:
 
 def existing_cube(path: Path, cube_hash: str) -> xr.Dataset | None:
     """Open a finished cube if it holds exactly this content, else None."""
+    import xarray as xr
+
     if not path.is_dir():
         return None
     try:
@@ -324,6 +341,7 @@ def existing_cube(path: Path, cube_hash: str) -> xr.Dataset | None:
 def write_cube(ds: xr.Dataset, path: Path, cfg: BuildConfig) -> xr.Dataset:
     """Write the cube to zarr atomically (tmp dir + rename) and reopen it lazily."""
     import rioxarray  # noqa: F401  (registers the .rio accessor)
+    import xarray as xr
 
     ds = ds.rio.write_crs(f"EPSG:{ds.attrs['epsg']}")
     ds = ds.rio.write_transform(_affine(ds.attrs["grid_transform"]))
@@ -355,3 +373,18 @@ def _affine(t: Sequence[float]) -> Any:
     from affine import Affine
 
     return Affine(*t[:6])
+
+
+def _configure_odc(env: dict[str, Any]) -> None:
+    """Install `env` as odc-stac's GDAL settings here and on the Dask cluster's workers, if
+    any. Done on first use of the general path only: importing odc-stac costs ~1 s, and the
+    aligned-grid path (every Sentinel-2 tile) passes its settings with each read instead."""
+    import odc.stac
+
+    odc.stac.configure_rio(cloud_defaults=True, **env)
+    try:
+        from distributed import get_client
+
+        odc.stac.configure_rio(cloud_defaults=True, client=get_client(), **env)
+    except ValueError:  # no Dask client: the local configuration is all there is
+        pass

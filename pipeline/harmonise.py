@@ -18,12 +18,14 @@ from __future__ import annotations
 import functools
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from pipeline.catalogs import sensor
+
+if TYPE_CHECKING:  # xarray (with pandas) costs ~0.7 s to import: only where it is used
+    import xarray as xr
 
 _PB_IN_NAME = re.compile(r"_N(\d{2})(\d{2})_")
 
@@ -93,6 +95,8 @@ def apply_offsets(dn: xr.DataArray, offsets: xr.DataArray) -> xr.DataArray:
     after the offset, which sen2cor produces over very dark water) are clamped to 1 so they
     stay valid. Lazy and elementwise: works chunk by chunk on Dask-backed arrays.
     """
+    import xarray as xr
+
     if not bool((offsets != 0).any()):
         return dn.astype(np.uint16)
     shifted = dn.astype(np.int32) - offsets

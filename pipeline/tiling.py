@@ -14,13 +14,15 @@ import functools
 import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import xarray as xr
 
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig, SplitConfig, TilingSpec
+
+if TYPE_CHECKING:  # xarray (with pandas) costs ~0.7 s to import: only where it is used
+    import xarray as xr
 
 SCL_MISSING = 255  # cube value where the item had no SCL (see pipeline.cube)
 
