@@ -370,6 +370,7 @@ def _clear_http_caches() -> None:
     def clear() -> None:
         close_all()
         clear_gdal_http_cache()
+        trim_heap()
 
     clear()
     try:
@@ -378,6 +379,20 @@ def _clear_http_caches() -> None:
         get_client().run(clear)
     except (ValueError, OSError):  # no client, or workers in this process already cleared
         pass
+
+
+def trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc `malloc_trim`).
+
+    A grid's blocks (~28 MB each) fall under glibc's adaptive mmap threshold once one has
+    been freed, so they come from per-thread arenas that keep the pages after `free`;
+    without trimming, the process's RSS crept up by ~90 MB per doubling of the scene count
+    (benchmark 2). A no-op where glibc is not the allocator.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _short(e: BaseException | None) -> str:
@@ -494,6 +509,8 @@ def _write_dataset(
                 writers[item.split].write(item.key, item.data, item.meta)
             with state.lock:
                 unit_dropped[str(ui)] = dict(dropped)
+            del cube
+            trim_heap()
         pos[0], pos[1] = len(units), 0
         for split in SPLITS:
             writers[split].close_shard()
