@@ -8,8 +8,8 @@ one MGRS tile, or one sample patch). Its cube is
 
 in one zarr v3 store, georeferenced with rioxarray (CRS + transform travel with it), so
 re-tiling at another size, GSD or time window reads the zarr and never the COGs again.
-The load is lazy (odc-stac -> Dask) and the write streams chunk by chunk, so memory does
-not grow with the scene size.
+The load is lazy (native windowed reads on aligned grids, else odc-stac; both Dask) and
+the write streams chunk by chunk, so memory does not grow with the scene size.
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def clear_gdal_http_cache(url: str | None = None) -> None:
             if url is None:
                 gdal.VSICurlClearCache()
             else:
-                gdal.VSICurlPartialClearCache(ctypes.c_char_p(f"/vsicurl/{url}".encode()))
+                scheme, _, rest = url.partition("://")  # GDAL's cache keys are its own paths
+                vsi = {"s3": "/vsis3/", "gs": "/vsigs/", "az": "/vsiaz/"}.get(scheme)
+                gdal.VSICurlPartialClearCache(ctypes.c_char_p((f"{vsi}{rest}" if vsi else f"/vsicurl/{url}").encode()))
             return
         except (OSError, AttributeError):
             continue
