@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run build train test test-fast bench clean
+.PHONY: setup run build train test test-fast bench bench-torchgeo clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,18 @@ test-fast: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# The issue's reference reader, TorchGeo, in its own environment (never a project dependency):
+# torchvision pinned to the release that matches torch 2.13, else pip pulls a newer CUDA torch.
+TG_VENV := .venv-torchgeo
+$(TG_VENV)/.installed:
+	python3 -m venv $(TG_VENV)
+	$(TG_VENV)/bin/pip install -q torch==2.13.0
+	$(TG_VENV)/bin/pip install -q torchgeo==0.8.1 torch==2.13.0 torchvision==0.28.0 requests
+	touch $@
+
+bench-torchgeo: setup $(TG_VENV)/.installed
+	$(PY) -m benchmarks.run_all --torchgeo-python $(TG_VENV)/bin/python
 
 clean:
 	rm -rf datasets runs

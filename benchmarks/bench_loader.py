@@ -4,8 +4,9 @@
    resized crop, flip; DataLoader workers as configured) over the shards of benchmark 1,
    divided by the samples/s the `tiny` and `base` models consume (forward + backward +
    optimiser step). Reference: 128 px 12-band chips read on the fly from the COGs with
-   rasterio windowed reads in 2 worker processes (what TorchGeo's RasterDataset +
-   GridGeoSampler does; TorchGeo itself is not installed here).
+   TorchGeo's RasterDataset + GridGeoSampler (2 workers; `bench_torchgeo.py`, run with a
+   separate interpreter that has TorchGeo, which the project does not depend on) and lean
+   rasterio windowed reads in 2 worker processes (the same pattern without TorchGeo).
 4. Trainer throughput: tokens/s (and MFU on a GPU) for `base` at 96 and 128 px, bf16.
 5. Shard I/O: bytes per sample; read MB/s against plain sequential reading of the same tars.
 """
@@ -15,7 +16,9 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing as mp
+import os
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,10 +41,16 @@ def shard_paths(manifest: Path, dataset: str, split: str = "train") -> list[Path
 
 
 def loader_samples_per_s(manifest: Path, dataset: str, img_size: int, *, workers: int = 2, batch: int = 16,
-                         seconds: float = 15.0) -> float:
-    """Samples/s out of `training.data.make_loader` (the trainer's own loader), after warm-up."""
+                         seconds: float = 15.0, augment: bool = True) -> float:
+    """Samples/s out of `training.data.make_loader` (the trainer's own loader), after warm-up.
+
+    ``augment=False`` replaces the stream's transform (normalise, random resized crop, flip)
+    by a plain cast to float32: the loader's read path (resampled shards, integrity checks,
+    shuffle buffer, `.npy` decode, collate across worker processes), i.e. the same work a
+    TorchGeo RasterDataset + DataLoader does per chip.
+    """
     from training.config import config_from_dict
-    from training.data import DataPosition, ShardStream, make_loader, read_shard_set
+    from training.data import DataPosition, make_loader, read_shard_set
 
     run = config_from_dict({
         "name": "bench", "manifest": str(manifest), "model": {"preset": "tiny"},
@@ -50,8 +59,9 @@ def loader_samples_per_s(manifest: Path, dataset: str, img_size: int, *, workers
     })
     stage = run.stages[0]
     shard_set = read_shard_set(manifest, dataset, "train", run.model_for(stage))
-    stream = ShardStream(shard_set, run, stage, stage_index=0, rank=0, world_size=1,
-                         position=DataPosition.start(1, workers))
+    stream_cls = _stream_class(augment)
+    stream = stream_cls(shard_set, run, stage, stage_index=0, rank=0, world_size=1,
+                        position=DataPosition.start(1, workers))
     loader = make_loader(stream, micro_batch=batch, num_workers=workers, num_batches=10**9)
     it = iter(loader)
     for _ in range(2 * max(workers, 1)):  # worker start-up and shuffle-buffer fill
@@ -62,6 +72,38 @@ def loader_samples_per_s(manifest: Path, dataset: str, img_size: int, *, workers
     rate = n / (time.perf_counter() - t0)
     del it, loader
     return rate
+
+
+def _stream_class(augment: bool) -> type:
+    from training.data import ShardStream
+
+    if augment:
+        return ShardStream
+
+    class ReadOnlyStream(ShardStream):  # defined here: benchmarks only
+        def transform(self, sample: dict[str, Any], worker: int, index: int) -> dict[str, Any]:
+            import torch
+
+            return {"image": torch.from_numpy(sample["chip"].astype(np.float32)), "worker": worker,
+                    "index": index, "key": sample["__key__"]}
+
+    return ReadOnlyStream
+
+
+def torchgeo_chips_per_s(python: str, scene_dir: Path, *, seconds: float = 15.0) -> dict[str, Any]:
+    """Run `benchmarks/bench_torchgeo.py` with ``python`` (an interpreter that has TorchGeo)."""
+    import subprocess
+
+    script = Path(__file__).resolve().parent / "bench_torchgeo.py"
+    proc = subprocess.run([python, str(script), str(scene_dir), "--seconds", str(seconds)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        print(f"TorchGeo benchmark failed with {python}: {tail}", file=sys.stderr)
+        return {}
+    return dict(json.loads(lines[-1]))
 
 
 def decode_only_mb_s(shards: Sequence[Path]) -> tuple[float, float]:

@@ -356,10 +356,32 @@ def test_tar_members_are_read_into_memory_not_extracted(tmp_path: Path) -> None:
         samples = list(tar_samples(fh))
     assert [k for k, _ in samples] == [f"../{target.stem}", "plain"] and not target.exists()
     assert decode_chip(samples[0][1]["npy"], (12, 96, 96)).shape == (12, 96, 96)
+    # the same samples through a pipe (stream mode) as from the file (random-access mode)
+    r, w = os.pipe()
+    with open(r, "rb") as pipe:
+        os.write(w, tar_of(outside, plain).read_bytes())
+        os.close(w)
+        assert list(tar_samples(pipe)) == samples
     link = tarfile.TarInfo("link.npy")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with tar_of(link).open("rb") as fh, pytest.raises(ValueError, match="not a regular file"):
         list(tar_samples(fh))
+
+
+def test_decode_chip_matches_numpy_and_checks_the_data_length() -> None:
+    rng = np.random.default_rng(3)
+    chip = rng.integers(0, 10001, (12, 96, 96), dtype=np.uint16)
+    for arr in (chip, np.asfortranarray(chip)):
+        got = decode_chip(_npy(arr), (12, 96, 96))
+        assert got.dtype == np.uint16 and np.array_equal(got, chip)
+        assert got.sum(dtype=np.int64) == chip.sum(dtype=np.int64)
+    data = _npy(chip)
+    with pytest.raises(ValueError, match="holds 221182 data bytes, its header says 221184"):
+        decode_chip(data[:-2], (12, 96, 96))
+    with pytest.raises(ValueError, match="not a .npy array"):
+        decode_chip(b"\x93NUMPY\x01\x00\x10\x00{'descr': '<u2'", (12, 96, 96))
+    with pytest.raises(ValueError, match="not a .npy array"):
+        decode_chip(b"PK\x03\x04 a zip file", (12, 96, 96))
 
 
 # --------------------------------------------------------------------------- dataset versions
