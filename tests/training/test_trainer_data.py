@@ -9,12 +9,14 @@ import os
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import webdataset as wds
 
+import training.data
 from make_test_shards import write_dataset
 from training.config import RunConfig, load_config
 from training.data import (
@@ -356,12 +358,8 @@ def test_tar_members_are_read_into_memory_not_extracted(tmp_path: Path) -> None:
         samples = list(tar_samples(fh))
     assert [k for k, _ in samples] == [f"../{target.stem}", "plain"] and not target.exists()
     assert decode_chip(samples[0][1]["npy"], (12, 96, 96)).shape == (12, 96, 96)
-    # the same samples through a pipe (stream mode) as from the file (random-access mode)
-    r, w = os.pipe()
-    with open(r, "rb") as pipe:
-        os.write(w, tar_of(outside, plain).read_bytes())
-        os.close(w)
-        assert list(tar_samples(pipe)) == samples
+    # the same samples through a stream (tarfile's stream mode) as from the file
+    assert list(tar_samples(_unseekable(tar_of(outside, plain).read_bytes()))) == samples
     link = tarfile.TarInfo("link.npy")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with tar_of(link).open("rb") as fh, pytest.raises(ValueError, match="not a regular file"):
@@ -382,6 +380,51 @@ def test_decode_chip_matches_numpy_and_checks_the_data_length() -> None:
         decode_chip(b"\x93NUMPY\x01\x00\x10\x00{'descr': '<u2'", (12, 96, 96))
     with pytest.raises(ValueError, match="not a .npy array"):
         decode_chip(b"PK\x03\x04 a zip file", (12, 96, 96))
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT])
+def test_tar_extension_headers_mid_shard_are_read_like_tarfile(tmp_path: Path, fmt: int,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plain members are read directly; from a long-name header on, tarfile reads the rest."""
+    chips = [np.full((12, 96, 96), v, np.uint16) for v in (1, 2, 3)]
+    names = ["a", "b" * 120, "c"]  # > 100 characters: a pax or GNU long-name header
+    path = tmp_path / "mixed.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, chip in zip(names, chips):
+            for ext, data in (("npy", _npy(chip)), ("json", b"{}")):
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    taken_over_at: list[int] = []
+    real = training.data._tarfile_members
+
+    def spy(fh: Any, mode: str) -> Any:
+        taken_over_at.append(fh.tell())
+        return real(fh, mode)
+
+    monkeypatch.setattr(training.data, "_tarfile_members", spy)
+    with path.open("rb") as fh:
+        samples = list(tar_samples(fh))
+    assert [k for k, _ in samples] == names
+    padded = -(-len(_npy(chips[0])) // 512) * 512
+    assert taken_over_at == [512 + padded + 512 + 512]  # a.npy and a.json were read directly
+    assert [int(decode_chip(m["npy"], (12, 96, 96))[0, 0, 0]) for _, m in samples] == [1, 2, 3]
+    assert list(tar_samples(_unseekable(path.read_bytes()))) == samples  # tarfile alone
+
+
+def _unseekable(data: bytes) -> io.BufferedReader:
+    """A pipe-like file object: tar_samples reads it with tarfile's stream mode."""
+    class Pipe(io.RawIOBase):
+        def __init__(self) -> None:
+            self.src = io.BytesIO(data)
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, b: Any) -> int:
+            return self.src.readinto(b)
+
+    return io.BufferedReader(Pipe())
 
 
 # --------------------------------------------------------------------------- dataset versions
