@@ -399,7 +399,7 @@ def test_tar_extension_headers_mid_shard_are_read_like_tarfile(tmp_path: Path, f
     real = training.data._tarfile_members
 
     def spy(fh: Any, mode: str) -> Any:
-        taken_over_at.append(fh.tell())
+        taken_over_at.append(fh.tell() if fh.seekable() else -1)
         return real(fh, mode)
 
     monkeypatch.setattr(training.data, "_tarfile_members", spy)
@@ -410,6 +410,7 @@ def test_tar_extension_headers_mid_shard_are_read_like_tarfile(tmp_path: Path, f
     assert taken_over_at == [512 + padded + 512 + 512]  # a.npy and a.json were read directly
     assert [int(decode_chip(m["npy"], (12, 96, 96))[0, 0, 0]) for _, m in samples] == [1, 2, 3]
     assert list(tar_samples(_unseekable(path.read_bytes()))) == samples  # tarfile alone
+    assert taken_over_at[1:] == [-1]
 
 
 def _unseekable(data: bytes) -> io.BufferedReader:
