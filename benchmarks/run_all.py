@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         seq = bench_loader.sequential_read_mb_s(shards)
         dec_mb, dec_sps = bench_loader.decode_only_mb_s(shards)
         fig.add("shard_seq_read_mb_s", seq, "plain sequential read of the tar files: the floor")
-        fig.add("shard_read_mb_s", dec_mb, "WebDataset tar iteration + .npy/.json decode, 1 process")
+        fig.add("shard_read_mb_s", dec_mb, "training.data tar reader + .npy/.json decode, 1 process")
         fig.add("shard_read_samples_per_s", dec_sps)
         fig.add("shard_read_vs_floor", dec_mb / seq, "1.0 = reading samples costs no more than reading the bytes")
 

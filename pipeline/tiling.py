@@ -10,9 +10,12 @@ time group (ascending dates) -> chip row -> chip column.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 import hashlib
-from collections.abc import Iterator
+import threading
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -183,14 +186,84 @@ def _scl_luts() -> dict[str, np.ndarray]:
 # -- reading ------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Block:
+    """One decoded chunk row of a cube: rows ``[y0, y1)``, columns ``[0, width)``.
+
+    ``dn`` [T, C, rows, width] uint16; ``masks`` quality group -> [T, rows, width] bool (see
+    `quality_masks`, from ``dn`` and the SCL band). Read-only: shared between threads.
+    """
+
+    y0: int
+    y1: int
+    dn: np.ndarray
+    masks: dict[str, np.ndarray]
+
+
+class _SharedBlocks:
+    """Decoded blocks shared by the datasets that tile one cube at the same time.
+
+    Every dataset (chip size) walks the same cube top to bottom in its own thread; the first
+    to need a chunk row decodes it and computes its quality masks, the others wait for and
+    reuse the result (the cube's decode was ~1.3 s per dataset per quarter scene, and the
+    masks are per pixel, so the same for every chip size). The last `KEEP` blocks are kept:
+    a dataset that falls further behind decodes again, which is only slower.
+    """
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._blocks: OrderedDict[tuple[Any, ...], cf.Future[Block]] = OrderedDict()
+        self._users: Counter[str] = Counter()
+
+    def open(self, store: str) -> None:
+        with self._lock:
+            self._users[store] += 1
+
+    def close(self, store: str) -> None:
+        """One user of ``store`` is done; its blocks are dropped with the last user."""
+        with self._lock:
+            self._users[store] -= 1
+            if self._users[store] <= 0:
+                del self._users[store]
+                for key in [k for k in self._blocks if k[0] == store]:
+                    del self._blocks[key]
+
+    def get(self, key: tuple[Any, ...], load: Callable[[], Block]) -> Block:
+        with self._lock:
+            fut = self._blocks.get(key)
+            owner = fut is None
+            if fut is None:
+                fut = self._blocks[key] = cf.Future()
+                while len(self._blocks) > self.KEEP:
+                    self._blocks.popitem(last=False)
+            else:
+                self._blocks.move_to_end(key)
+        if owner:
+            try:
+                fut.set_result(load())
+            except BaseException as e:
+                fut.set_exception(e)
+                with self._lock:
+                    if self._blocks.get(key) is fut:
+                        del self._blocks[key]
+                raise
+        return fut.result()
+
+
+_SHARED = _SharedBlocks()
+
+
 class RowBlocks:
     """Row strips of a cube, read a chunk-row block at a time and sliced in memory.
 
     Strips (chip height x full width) are much thinner than a zarr chunk row; reading them
     one by one decodes every chunk once per strip (x11 for 96 px strips in 1024-row chunks).
-    Here each chunk row is decoded once and every strip inside it is a numpy view. The zarr
-    arrays are read directly (no Dask graph per strip). Memory: one chunk row of
-    `time_steps` dates, all bands, full width.
+    Here each chunk row is decoded once, for every dataset tiled concurrently from the same
+    cube store (`_SharedBlocks`), and every strip inside it is a numpy view. The zarr arrays
+    are read directly (no Dask graph per strip). Memory: up to `_SharedBlocks.KEEP` chunk
+    rows of `time_steps` dates, all bands, full width, plus their masks. Call `close()`.
     """
 
     def __init__(self, cube: xr.Dataset) -> None:
@@ -198,44 +271,58 @@ class RowBlocks:
         dn = cube["dn"]
         chunks = dn.encoding.get("chunks") or dn.encoding.get("preferred_chunks") or None
         self.ych = int(chunks[2]) if isinstance(chunks, tuple | list) and len(chunks) == 4 else 1024
-        self._key: tuple[tuple[int, ...], int, int, int] | None = None
-        self._dn: np.ndarray | None = None
-        self._scl: np.ndarray | None = None
-        self._raw = _raw_arrays(cube)
+        self._block: Block | None = None
+        self._t_idx: tuple[int, ...] = ()
+        src = _store_path(cube)
+        self._raw = _raw_arrays(src) if src else None
+        # Blocks are shared by store; a cube not read from a store is not shared (own key).
+        self._store = src if self._raw is not None else f"cube-{id(cube)}"
+        _SHARED.open(self._store)
 
-    def read(self, t_idx: list[int], y_lo: int, y_hi: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-        key = self._key
-        if key is None or key[0] != tuple(t_idx) or not (key[1] <= y_lo and y_hi <= key[2]) or key[3] < width:
+    def close(self) -> None:
+        _SHARED.close(self._store)
+
+    def read(self, t_idx: list[int], y_lo: int, y_hi: int, width: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Rows ``[y_lo, y_hi)``: dn [T, C, rows, width] and quality masks [T, rows, width] (views)."""
+        b = self._block
+        if b is None or self._t_idx != tuple(t_idx) or not (b.y0 <= y_lo and y_hi <= b.y1) or b.dn.shape[-1] < width:
             b0 = (y_lo // self.ych) * self.ych
             b1 = min(-(-y_hi // self.ych) * self.ych, self.cube.sizes["y"])
-            if self._raw is not None:
-                dn_arr, scl_arr = self._raw
-                t0 = t_idx[0]
-                if t_idx == list(range(t0, t0 + len(t_idx))):  # consecutive dates: one read, no stacking copy
-                    self._dn = dn_arr[t0 : t0 + len(t_idx), :, b0:b1, :width]
-                    self._scl = scl_arr[t0 : t0 + len(t_idx), b0:b1, :width]
-                else:
-                    self._dn = np.stack([dn_arr[t, :, b0:b1, :width] for t in t_idx])
-                    self._scl = np.stack([scl_arr[t, b0:b1, :width] for t in t_idx])
+            key = (self._store, tuple(t_idx), b0, b1, width)
+            b = self._block = _SHARED.get(key, lambda: self._load(t_idx, b0, b1, width))
+            self._t_idx = tuple(t_idx)
+        o = slice(y_lo - b.y0, y_hi - b.y0)
+        return b.dn[:, :, o, :width], {k: m[:, o, :width] for k, m in b.masks.items()}
+
+    def _load(self, t_idx: list[int], b0: int, b1: int, width: int) -> Block:
+        if self._raw is not None:
+            dn_arr, scl_arr = self._raw
+            t0 = t_idx[0]
+            if t_idx == list(range(t0, t0 + len(t_idx))):  # consecutive dates: one read, no stacking copy
+                dn = dn_arr[t0 : t0 + len(t_idx), :, b0:b1, :width]
+                scl = scl_arr[t0 : t0 + len(t_idx), b0:b1, :width]
             else:
-                self._dn = self.cube["dn"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
-                self._scl = self.cube["scl"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
-            self._key = (tuple(t_idx), b0, b1, width)
-            key = self._key
-        assert self._dn is not None and self._scl is not None
-        o = y_lo - key[1]
-        return self._dn[:, :, o : o + (y_hi - y_lo), :width], self._scl[:, o : o + (y_hi - y_lo), :width]
+                dn = np.stack([dn_arr[t, :, b0:b1, :width] for t in t_idx])
+                scl = np.stack([scl_arr[t, b0:b1, :width] for t in t_idx])
+        else:
+            dn = self.cube["dn"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
+            scl = self.cube["scl"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
+        per_date = [quality_masks(dn[t], scl[t]) for t in range(dn.shape[0])]
+        masks = {k: np.stack([m[k] for m in per_date]) for k in per_date[0]}
+        return Block(b0, b1, dn, masks)
 
 
-def _raw_arrays(cube: xr.Dataset) -> tuple[Any, Any] | None:
-    """The zarr arrays behind a cube opened from a store, for direct (Dask-free) reads."""
+def _store_path(cube: xr.Dataset) -> str | None:
     src = cube.encoding.get("source") or cube.attrs.get("_store_path")
-    if not src:
-        return None
+    return str(src) if src else None
+
+
+def _raw_arrays(src: str) -> tuple[Any, Any] | None:
+    """The zarr arrays of a cube store, for direct (Dask-free) reads; None if not a local zarr."""
     try:
         import zarr
 
-        g = zarr.open_group(str(src), mode="r")
+        g = zarr.open_group(src, mode="r")
         return g["dn"], g["scl"]
     except Exception:  # not a local zarr store: fall back to xarray reads
         return None
@@ -288,44 +375,47 @@ def iter_chips(
         "source": dict(source or {}),
     }
     rows_reader = RowBlocks(cube)
-    for tg in groups:
-        t_idx = list(tg)
-        if small is not None:
-            yield from _small_scene_chips(cube, spec, cfg, t_idx, small, common)
-            continue
-        rows = positions(h, size, stride)
-        cols = positions(w, size, stride)
-        for r in rows:
-            y_lo, y_hi = int(r) * f, (int(r) + size) * f
-            strip, scl = rows_reader.read(t_idx, y_lo, y_hi, w * f)  # [T, C, S*f, W*f], [T, S*f, W*f]
-            col10 = cols * f
-            fr = _strip_fractions(strip, scl, col10, size * f)  # name -> [T, ncols]
-            worst = {k: v.max(axis=0) for k, v in fr.items()}
-            x0 = c0 + col10 * a
-            x1 = x0 + size * f * a
-            y_top = f0 + y_lo * e
-            y_bot = f0 + y_hi * e
-            ll = lonlat_bounds(epsg, x0, np.full_like(x0, y_bot, dtype=float), x1, np.full_like(x0, y_top, dtype=float))
-            for j, c in enumerate(cols):
-                frac = {k: float(v[j]) for k, v in worst.items()}
-                reason = _quality_reason(frac, q)
-                if reason:
-                    yield Dropped(reason)
-                    continue
-                split = chip_split(epsg, float(x0[j]), float(y_bot), float(x1[j]), float(y_top), cfg.split)
-                if split is None:
-                    yield Dropped("straddles a train/val block boundary")
-                    continue
-                xs = slice(int(c) * f, (int(c) + size) * f)
-                data = coarsen(strip[:, :, :, xs], f)  # [T, C, S, S]
-                if spec.time_steps == 1:
-                    data = data[0]
-                meta = _meta(
-                    common, spec, tile, t_idx, int(r), int(c), scene_ids, datetimes, harm, has_scl,
-                    transform=[a * f, 0.0, float(x0[j]), 0.0, e * f, float(y_top)],
-                    gsd=abs(a) * f, bbox=ll[j].tolist(), frac=frac, small_rule="none", split=split,
-                )
-                yield Chip(meta["key"], split, np.ascontiguousarray(data), meta)
+    try:
+        for tg in groups:
+            t_idx = list(tg)
+            if small is not None:
+                yield from _small_scene_chips(cube, spec, cfg, t_idx, small, common)
+                continue
+            rows = positions(h, size, stride)
+            cols = positions(w, size, stride)
+            for r in rows:
+                y_lo, y_hi = int(r) * f, (int(r) + size) * f
+                strip, masks = rows_reader.read(t_idx, y_lo, y_hi, w * f)  # [T, C, S*f, W*f], name -> [T, S*f, W*f]
+                col10 = cols * f
+                fr = {k: np.stack([box_fractions(mt, col10, size * f) for mt in m]) for k, m in masks.items()}  # [T, ncols]
+                worst = {k: v.max(axis=0) for k, v in fr.items()}
+                x0 = c0 + col10 * a
+                x1 = x0 + size * f * a
+                y_top = f0 + y_lo * e
+                y_bot = f0 + y_hi * e
+                ll = lonlat_bounds(epsg, x0, np.full_like(x0, y_bot, dtype=float), x1, np.full_like(x0, y_top, dtype=float))
+                for j, c in enumerate(cols):
+                    frac = {k: float(v[j]) for k, v in worst.items()}
+                    reason = _quality_reason(frac, q)
+                    if reason:
+                        yield Dropped(reason)
+                        continue
+                    split = chip_split(epsg, float(x0[j]), float(y_bot), float(x1[j]), float(y_top), cfg.split)
+                    if split is None:
+                        yield Dropped("straddles a train/val block boundary")
+                        continue
+                    xs = slice(int(c) * f, (int(c) + size) * f)
+                    data = coarsen(strip[:, :, :, xs], f)  # [T, C, S, S]
+                    if spec.time_steps == 1:
+                        data = data[0]
+                    meta = _meta(
+                        common, spec, tile, t_idx, int(r), int(c), scene_ids, datetimes, harm, has_scl,
+                        transform=[a * f, 0.0, float(x0[j]), 0.0, e * f, float(y_top)],
+                        gsd=abs(a) * f, bbox=ll[j].tolist(), frac=frac, small_rule="none", split=split,
+                    )
+                    yield Chip(meta["key"], split, np.ascontiguousarray(data), meta)
+    finally:
+        rows_reader.close()
 
 
 def _small_scene_chips(

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import SplitConfig
+from pipeline.config import SplitConfig, load_config
 from pipeline.tiling import (
     block_split,
     box_fractions,
@@ -87,3 +92,71 @@ def test_split_is_deterministic_and_blockwise() -> None:
     x = bx * 10_000.0
     assert chip_split(32629, x + 100, 5_000_000 + 100, x + 1060, 5_000_000 + 1060, cfg) == splits[bx]
     assert chip_split(32629, x + 9_500, 5_000_000 + 100, x + 10_460, 5_000_000 + 1060, cfg) is None
+
+
+def _cube_store(path: Path, rows: int = 384, cols: int = 200, ych: int = 96) -> Path:
+    """A two-date cube store as `pipeline.cube` writes it (attrs, zarr chunk rows of `ych`)."""
+    import xarray as xr
+
+    rng = np.random.default_rng(7)
+    dn = rng.integers(1, 10000, (2, 12, rows, cols), dtype=np.uint16)
+    dn[0, :, :40, :50] = 0  # a nodata corner
+    scl = rng.choice(np.array([4, 5, 8, 9], np.uint8), (2, rows, cols), p=[0.6, 0.2, 0.1, 0.1])
+    ds = xr.Dataset({"dn": (("time", "band", "y", "x"), dn), "scl": (("time", "y", "x"), scl)})
+    ds.attrs.update({
+        "unit": "t", "tile": "32TMT", "epsg": 32632, "grid_transform": [10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0],
+        "scene_ids": ["a", "b"], "datetimes": ["2024-06-01T10:00:00Z", "2024-06-11T10:00:00Z"],
+        "harmonisation": [{"scene_id": "a"}, {"scene_id": "b"}], "has_scl": [True, True],
+        "resampling": {"20m": "bilinear", "60m": "bilinear", "scl": "nearest"},
+    })
+    ds.to_zarr(path, encoding={"dn": {"chunks": (1, 12, ych, cols)}, "scl": {"chunks": (1, ych, cols)}},
+               consolidated=False, zarr_format=3)
+    return path
+
+
+def test_concurrent_datasets_share_decoded_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two chip sizes tiled at once from one cube: the same chips as one at a time, and each
+    chunk row decoded once (the blocks are shared between the threads)."""
+    import threading
+
+    import xarray as xr
+
+    import pipeline.tiling as tiling
+
+    store = _cube_store(tmp_path / "c.zarr")
+    cfg = load_config(None, {"tiling": [{"size": 32}, {"size": 48}], "quality": {"max_cloud": 0.5}})
+
+    def chips(spec: Any) -> list[tuple[str, str, str, bytes]]:
+        cube = xr.open_zarr(store, consolidated=False)
+        out = []
+        for item in tiling.iter_chips(cube, spec, cfg):
+            if isinstance(item, tiling.Chip):
+                out.append((item.key, item.split, json.dumps(item.meta, sort_keys=True), item.data.tobytes()))
+            else:
+                out.append(("dropped", item.reason, "", b""))
+        return out
+
+    alone = {spec.name: chips(spec) for spec in cfg.tiling}
+    loads: list[int] = []
+    real = tiling.RowBlocks._load
+    monkeypatch.setattr(tiling.RowBlocks, "_load", lambda self, t, b0, b1, w: loads.append(b0) or real(self, t, b0, b1, w))
+    together: dict[str, list[Any]] = {}
+    threads = [threading.Thread(target=lambda s=spec: together.__setitem__(s.name, chips(s))) for spec in cfg.tiling]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert together == alone
+    assert sum(c[0] != "dropped" for c in alone["s32_g10m"]) > 50
+    assert sorted(set(loads)) == [0, 96, 192, 288]  # every chunk row, none twice per dataset
+    assert len(loads) <= 2 * 4 * 2
+    # interleaved (deterministic), with room for every block: 4 chunk rows x 2 dates, each
+    # decoded once (with KEEP = 3 a dataset more than 3 blocks ahead makes the other re-read)
+    monkeypatch.setattr(tiling._SHARED, "KEEP", 8)
+    loads.clear()
+    cubes = [xr.open_zarr(store, consolidated=False) for _ in cfg.tiling]
+    its = [tiling.iter_chips(c, spec, cfg) for c, spec in zip(cubes, cfg.tiling)]
+    while its:
+        its = [it for it in its if next(it, None) is not None]
+    assert len(loads) == 4 * 2
+    assert not tiling._SHARED._blocks and not tiling._SHARED._users  # released with the last user
