@@ -307,9 +307,7 @@ class RowBlocks:
         else:
             dn = self.cube["dn"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
             scl = self.cube["scl"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
-        per_date = [quality_masks(dn[t], scl[t]) for t in range(dn.shape[0])]
-        masks = {k: np.stack([m[k] for m in per_date]) for k in per_date[0]}
-        return Block(b0, b1, dn, masks)
+        return Block(b0, b1, dn, _date_masks(dn, scl))
 
 
 def _store_path(cube: xr.Dataset) -> str | None:
@@ -387,7 +385,7 @@ def iter_chips(
                 y_lo, y_hi = int(r) * f, (int(r) + size) * f
                 strip, masks = rows_reader.read(t_idx, y_lo, y_hi, w * f)  # [T, C, S*f, W*f], name -> [T, S*f, W*f]
                 col10 = cols * f
-                fr = {k: np.stack([box_fractions(mt, col10, size * f) for mt in m]) for k, m in masks.items()}  # [T, ncols]
+                fr = _mask_fractions(masks, col10, size * f)  # name -> [T, ncols]
                 worst = {k: v.max(axis=0) for k, v in fr.items()}
                 x0 = c0 + col10 * a
                 x1 = x0 + size * f * a
@@ -449,7 +447,7 @@ def _small_scene_chips(
     for r in rows:
         for c in cols:
             sub = dn[:, :, r : r + size, c : c + size]
-            fr = _strip_fractions(sub, scl[:, r : r + size, c : c + size], np.array([0]), size)
+            fr = _mask_fractions(_date_masks(sub, scl[:, r : r + size, c : c + size]), np.array([0]), size)
             frac = {k: float(v[:, 0].max()) for k, v in fr.items()}
             reason = _quality_reason(frac, cfg.quality)
             if reason:
@@ -473,14 +471,15 @@ def _small_scene_chips(
             yield Chip(meta["key"], split, np.ascontiguousarray(data), meta)
 
 
-def _strip_fractions(dn: np.ndarray, scl: np.ndarray, col0: np.ndarray, width: int) -> dict[str, np.ndarray]:
+def _date_masks(dn: np.ndarray, scl: np.ndarray) -> dict[str, np.ndarray]:
+    """`quality_masks` of every date: dn [T, C, H, W], scl [T, H, W] -> name -> [T, H, W]."""
+    per_date = [quality_masks(dn[t], scl[t]) for t in range(dn.shape[0])]
+    return {k: np.stack([m[k] for m in per_date]) for k in per_date[0]}
+
+
+def _mask_fractions(masks: dict[str, np.ndarray], col0: np.ndarray, width: int) -> dict[str, np.ndarray]:
     """Quality fractions [T, ncols] of boxes of `width` columns starting at `col0`."""
-    out: dict[str, list[np.ndarray]] = {}
-    for t in range(dn.shape[0]):
-        for name, m in quality_masks(dn[t], scl[t]).items():
-            out.setdefault(name, []).append(box_fractions(m, col0, width))
-    res = {k: np.stack(v) for k, v in out.items()}
-    return res
+    return {k: np.stack([box_fractions(mt, col0, width) for mt in m]) for k, m in masks.items()}
 
 
 def _quality_reason(frac: dict[str, float], q: Any) -> str:
