@@ -95,9 +95,13 @@ def torchgeo_chips_per_s(python: str, scene_dir: Path, *, seconds: float = 15.0)
     import subprocess
 
     script = Path(__file__).resolve().parent / "bench_torchgeo.py"
-    proc = subprocess.run([python, str(script), str(scene_dir), "--seconds", str(seconds)],
-                          capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        proc = subprocess.run([python, str(script), str(scene_dir), "--seconds", str(seconds)],
+                              capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    except (OSError, subprocess.TimeoutExpired) as e:  # no such interpreter, or it hung
+        print(f"TorchGeo benchmark failed with {python}: {e}", file=sys.stderr)
+        return {}
     lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
