@@ -19,7 +19,12 @@ COPY pipeline ./pipeline
 COPY training ./training
 COPY catalogs ./catalogs
 COPY docker/cron ./docker/cron
+# Numba's compiled kernels (pipeline/kernels.py) are built once here into a cache that the
+# unprivileged user can read, instead of ~1.5 s of compiling at the start of every container.
+ENV NUMBA_CACHE_DIR=/opt/spectralgpt/numba-cache
 RUN pip install --no-cache-dir . \
+    && python -c "from pipeline import kernels; kernels.warm_up()" \
+    && chmod -R a+rwX /opt/spectralgpt/numba-cache \
     && useradd --create-home --uid 1000 eo \
     && mkdir -p /data \
     && chown eo /data

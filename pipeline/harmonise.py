@@ -15,7 +15,6 @@ items; we follow the provider's statement and record it, so such items can be fo
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -104,21 +103,17 @@ def apply_offsets(dn: xr.DataArray, offsets: xr.DataArray) -> xr.DataArray:
 
 
 def remove_offset(dn: np.ndarray, offset: int) -> np.ndarray:
-    """numpy form of `apply_offsets` for one date's block: uint16 `dn` with `offset` DN
-    removed from valid pixels (nodata stays 0, valid pixels clamp to 1).
+    """numpy form of `apply_offsets` for one date's block: a copy of uint16 `dn` with
+    `offset` DN removed from valid pixels (nodata stays 0, valid pixels clamp to 1).
 
-    A 65536-entry lookup table: one gather per pixel, measured 6x faster than masked
-    arithmetic on a 12-band 1152 x 1024 block."""
+    One compiled pass (`kernels.remove_offset_inplace`); the cube's reads apply the same
+    kernel in place as they decode (`native_read.read_block`)."""
     if offset == 0:
         return dn
-    return _offset_lut(offset)[dn]
-
-
-@functools.lru_cache(maxsize=8)
-def _offset_lut(offset: int) -> np.ndarray:
     if not 0 < offset < 65536:
         raise ValueError(f"offset {offset}: only removing an offset of 1..65535 DN is defined")
-    lut = np.maximum(np.arange(65536, dtype=np.int32) - offset, 1).astype(np.uint16)
-    lut[0] = 0
-    lut.flags.writeable = False
-    return lut
+    from pipeline.kernels import remove_offset_inplace
+
+    out = np.array(dn, dtype=np.uint16, order="C")
+    remove_offset_inplace(out.reshape(-1), offset)
+    return out

@@ -82,12 +82,28 @@ def test_bilinear_blocks_match_the_textbook_formula(band_20m: tuple[Path, np.nda
         want = _reference(src, y0, y1, x0, x1, k)
         assert got.shape == want.shape == (y1 - y0, x1 - x0)
         diff = np.abs(got.astype(int) - want)
-        if k == 2:  # quarter weights: exact in float32, so bit-identical
+        if k == 2:  # quarter weights: exact in float64 in any order, so bit-identical
             assert diff.max() == 0, (y0, x0)
-        else:  # twelfths round differently in float32 and float64: rarely 1 DN apart at a .5 tie
+        else:  # twelfths round in another order than the reference: rarely 1 DN apart at a .5 tie
             assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (y0, x0, diff.max(), (diff > 0).mean())
         assert ((got == 0) == (want == 0)).all()  # nodata decided identically
     assert (read_block(str(path), k, "bilinear", 0, grid[0], 0, grid[1], src.shape, ENV) == 0).sum() > 0
+
+
+@pytest.mark.parametrize(("k", "method"), [(2, "bilinear"), (2, "nearest"), (1, "nearest")])
+def test_offset_removed_while_reading_equals_removing_it_after(band_20m: tuple[Path, np.ndarray], k: int, method: str) -> None:
+    """The offset fused into the read (`read_block(offset=...)`, into a caller's buffer or
+    not) is the offset rule applied to the plain read: nodata stays 0, low values clamp to 1."""
+    path, a = band_20m
+    plain = read_block(str(path), k, method, 3, 151, 5, 170, a.shape, ENV)
+    want = remove_offset(plain, 1000)
+    assert (plain == 0).any() and ((plain > 0) & (plain <= 1000)).any()  # both edge cases occur
+    np.testing.assert_array_equal(read_block(str(path), k, method, 3, 151, 5, 170, a.shape, ENV, offset=1000), want)
+    buf = np.full((148, 165), 7, np.uint16)
+    got = read_block(str(path), k, method, 3, 151, 5, 170, a.shape, ENV, offset=1000, out=buf)
+    assert got is buf
+    np.testing.assert_array_equal(buf, want)
+    assert (want[plain == 0] == 0).all() and (want[(plain > 0) & (plain <= 1001)] == 1).all()
 
 
 def test_nearest_blocks_repeat_the_source(band_20m: tuple[Path, np.ndarray]) -> None:

@@ -72,6 +72,24 @@ def test_histogram_stats_exact() -> None:
         assert st["min"][b] == v.min() and st["max"][b] == v.max()
 
 
+def test_shard_histograms_count_every_valid_value_of_their_own_samples(tmp_path: Path) -> None:
+    """Each closed train shard carries the per-band counts of exactly its samples (0 =
+    nodata not counted), for chips [C, H, W] and time stacks [T, C, H, W] alike."""
+    rng = np.random.default_rng(5)
+    for shape in [(12, 24, 24), (3, 12, 16, 16)]:
+        samples = [(f"k{shape[0]}_{i:05d}", rng.integers(0, 70, shape, dtype=np.uint16) * 937, {"i": i}) for i in range(5)]
+        recs = _write(tmp_path / str(len(shape)), samples, max_samples=2)
+        assert [r.num_samples for r, _ in recs] == [2, 2, 1]
+        for n, (_, hist) in enumerate(recs):
+            chunk = np.stack([a for _, a, _ in samples[2 * n : 2 * n + 2]])  # [N, (T,) C, H, W]
+            bands = np.moveaxis(chunk.reshape(-1, 12, shape[-2] * shape[-1]), 1, 0).reshape(12, -1)
+            want = np.stack([np.bincount(b.astype(np.int64), minlength=65536) for b in bands])
+            want[:, 0] = 0
+            assert hist.shape == (12, 65536) and hist.dtype == np.int64
+            np.testing.assert_array_equal(hist, want)
+            assert hist[:, 937].sum() > 0 and hist[:, 69 * 937].sum() > 0  # the top value (64653) counted
+
+
 def test_shard_bytes_equal_what_tarfile_writes(tmp_path: Path) -> None:
     """The direct member writer frames samples exactly as `tarfile` does (headers, padding,
     end-of-archive record), so shards stay standard tars and byte-identical across versions."""
