@@ -28,17 +28,33 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from pipeline.lru import SharedLRU
+
 # Open datasets per (thread, href): rasterio handles are not thread-safe, and reopening per
 # block would re-read the COG header each time. `close_all()` releases them after each grid.
 _handles: dict[tuple[int, str], Any] = {}
 _handles_lock = threading.Lock()
 
 
+# Decoded COG tiles (one internal block each), shared by every read task of the process.
+# A 1152 x 1024 px cube chunk straddles the 512 px tiles of a 10 m band, and the window of a
+# 20 m or 60 m band covers parts of up to nine tiles, so decoding each chunk's window on its
+# own decoded every tile 2.2 times on average (quarter scene, one thread: 4.2 s against 1.95 s
+# to decode every band once; GDAL's block cache did not help: each thread has its own handle,
+# and a full scene's row of chunks outgrows it). Whole tiles are read aligned, so GDAL decodes
+# exactly one block per read, and kept here until evicted. Chunks are computed roughly in row
+# order, so a tile is reused within about one chunk row of all bands (~220 MB, full scene).
+TILE_CACHE_BYTES = 384 << 20
+_tiles: SharedLRU[np.ndarray] = SharedLRU(TILE_CACHE_BYTES, weight=lambda a: a.nbytes)
+
+
 def close_all() -> None:
+    """Close the cached COG handles and drop the decoded tiles (after each grid, before a retry)."""
     with _handles_lock:
         for ds in _handles.values():
             ds.close()
         _handles.clear()
+    _tiles.clear()
 
 
 def aligned_factor(asset: dict[str, Any], grid_transform: Sequence[float], grid_shape: Sequence[int]) -> int | None:
@@ -98,7 +114,6 @@ def read_block(
     size and upsampled by `kernels.bilinear_offset` (nodata-aware, offset removed in the
     same pass) or by repetition (nearest)."""
     import rasterio
-    from rasterio.windows import Window
 
     from pipeline import kernels
 
@@ -107,14 +122,9 @@ def read_block(
     ix0, ix1, wx = _axis(x0, x1, k, w, method)
     r0, r1 = int(iy0[0]), int(iy1[-1]) + 1  # indices rise along the axis
     c0, c1 = int(ix0[0]), int(ix1[-1]) + 1
-    window = Window(c0, r0, c1 - c0, r1 - r0)
     direct = k == 1 and (r1 - r0, c1 - c0) == (y1 - y0, x1 - x0)  # a 10 m band: the window is the block
     with rasterio.Env(**env):
-        ds = _open(href)
-        if direct and out is not None:
-            src = ds.read(1, window=window, out=out)
-        else:
-            src = ds.read(1, window=window)
+        src = _read_window(href, r0, r1, c0, c1, out if direct else None)
     if direct:
         res = src
     elif method == "nearest":  # columns gathered on the k-times smaller source first, then whole rows
@@ -129,6 +139,28 @@ def read_block(
     if offset:
         kernels.remove_offset_inplace(res.reshape(-1), offset)
     return res
+
+
+def _read_window(href: str, r0: int, r1: int, c0: int, c1: int, out: np.ndarray | None = None) -> np.ndarray:
+    """Native pixels [r0, r1) x [c0, c1) of band 1 of `href`, assembled from whole decoded
+    tiles (`_tiles`), into `out` when given. Call inside a `rasterio.Env`."""
+    from rasterio.windows import Window
+
+    ds = _open(href)
+    th, tw = ds.block_shapes[0]
+    if out is None:
+        out = np.empty((r1 - r0, c1 - c0), ds.dtypes[0])
+    if th < 64 or tw < 64:  # strips or tiny tiles (not a COG): a plain windowed read
+        return ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), out=out)
+    base = href.split("?", 1)[0]  # a signed URL's token may change between reads; the tile does not
+    for ty in range(r0 // th, (r1 - 1) // th + 1):
+        for tx in range(c0 // tw, (c1 - 1) // tw + 1):
+            win = Window(tx * tw, ty * th, min(tw, ds.width - tx * tw), min(th, ds.height - ty * th))
+            tile = _tiles.get((base, ty, tx), lambda w=win: ds.read(1, window=w))
+            ya, yb = max(r0, ty * th), min(r1, ty * th + tile.shape[0])
+            xa, xb = max(c0, tx * tw), min(c1, tx * tw + tile.shape[1])
+            out[ya - r0 : yb - r0, xa - c0 : xb - c0] = tile[ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw]
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,10 @@ time group (ascending dates) -> chip row -> chip column.
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import functools
 import hashlib
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig, SplitConfig, TilingSpec
+from pipeline.lru import SharedLRU
 
 if TYPE_CHECKING:  # xarray (with pandas) costs ~0.7 s to import: only where it is used
     import xarray as xr
@@ -206,15 +206,13 @@ class _SharedBlocks:
     Every dataset (chip size) walks the same cube top to bottom in its own thread; the first
     to need a chunk row decodes it and computes its quality masks, the others wait for and
     reuse the result (the cube's decode was ~1.3 s per dataset per quarter scene, and the
-    masks are per pixel, so the same for every chip size). The last `KEEP` blocks are kept:
+    masks are per pixel, so the same for every chip size). The last `keep` blocks are kept:
     a dataset that falls further behind decodes again, which is only slower.
     """
 
-    KEEP = 3
-
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 3) -> None:
+        self.blocks: SharedLRU[Block] = SharedLRU(keep)
         self._lock = threading.Lock()
-        self._blocks: OrderedDict[tuple[Any, ...], cf.Future[Block]] = OrderedDict()
         self._users: Counter[str] = Counter()
 
     def open(self, store: str) -> None:
@@ -227,29 +225,10 @@ class _SharedBlocks:
             self._users[store] -= 1
             if self._users[store] <= 0:
                 del self._users[store]
-                for key in [k for k in self._blocks if k[0] == store]:
-                    del self._blocks[key]
+                self.blocks.discard(lambda k: k[0] == store)  # type: ignore[index]
 
     def get(self, key: tuple[Any, ...], load: Callable[[], Block]) -> Block:
-        with self._lock:
-            fut = self._blocks.get(key)
-            owner = fut is None
-            if fut is None:
-                fut = self._blocks[key] = cf.Future()
-                while len(self._blocks) > self.KEEP:
-                    self._blocks.popitem(last=False)
-            else:
-                self._blocks.move_to_end(key)
-        if owner:
-            try:
-                fut.set_result(load())
-            except BaseException as e:
-                fut.set_exception(e)
-                with self._lock:
-                    if self._blocks.get(key) is fut:
-                        del self._blocks[key]
-                raise
-        return fut.result()
+        return self.blocks.get(key, load)
 
 
 _SHARED = _SharedBlocks()
@@ -262,7 +241,7 @@ class RowBlocks:
     one by one decodes every chunk once per strip (x11 for 96 px strips in 1024-row chunks).
     Here each chunk row is decoded once, for every dataset tiled concurrently from the same
     cube store (`_SharedBlocks`), and every strip inside it is a numpy view. The zarr arrays
-    are read directly (no Dask graph per strip). Memory: up to `_SharedBlocks.KEEP` chunk
+    are read directly (no Dask graph per strip). Memory: up to `_SharedBlocks` `keep` chunk
     rows of `time_steps` dates, all bands, full width, plus their masks. Call `close()`.
     """
 

@@ -106,6 +106,29 @@ def test_offset_removed_while_reading_equals_removing_it_after(band_20m: tuple[P
     assert (want[plain == 0] == 0).all() and (want[(plain > 0) & (plain <= 1001)] == 1).all()
 
 
+def test_each_cog_tile_is_decoded_once_across_blocks(band_20m: tuple[Path, np.ndarray]) -> None:
+    """Cube chunks that straddle the COG's tiles (64 px here) share the decoded tiles: reading
+    the whole 10 m grid in 50 x 70 px chunks decodes each tile once, and the values are the
+    plain full read's."""
+    from pipeline import native_read
+
+    path, a = band_20m
+    native_read.close_all()
+    before = native_read._tiles.computed
+    grid = (a.shape[0] * 2, a.shape[1] * 2)
+    full = read_block(str(path), 2, "bilinear", 0, grid[0], 0, grid[1], a.shape, ENV)
+    assert native_read._tiles.computed - before == 9  # 180 px at 20 m = 3 x 3 tiles of 64
+    for y0 in range(0, grid[0], 50):
+        for x0 in range(0, grid[1], 70):
+            y1, x1 = min(y0 + 50, grid[0]), min(x0 + 70, grid[1])
+            np.testing.assert_array_equal(read_block(str(path), 2, "bilinear", y0, y1, x0, x1, a.shape, ENV), full[y0:y1, x0:x1])
+    assert native_read._tiles.computed - before == 9  # no tile decoded twice
+    native_read.close_all()
+    assert len(native_read._tiles) == 0
+    read_block(str(path), 1, "nearest", 0, 10, 0, 10, a.shape, ENV)
+    assert native_read._tiles.computed - before == 10  # decoded again after the grid's clean-up
+
+
 def test_nearest_blocks_repeat_the_source(band_20m: tuple[Path, np.ndarray]) -> None:
     path, a = band_20m
     got = read_block(str(path), 2, "nearest", 3, 91, 7, 250, a.shape, ENV)

@@ -151,12 +151,12 @@ def test_concurrent_datasets_share_decoded_blocks(tmp_path: Path, monkeypatch: p
     assert sorted(set(loads)) == [0, 96, 192, 288]  # every chunk row, none twice per dataset
     assert len(loads) <= 2 * 4 * 2
     # interleaved (deterministic), with room for every block: 4 chunk rows x 2 dates, each
-    # decoded once (with KEEP = 3 a dataset more than 3 blocks ahead makes the other re-read)
-    monkeypatch.setattr(tiling._SHARED, "KEEP", 8)
+    # decoded once (keeping 3, a dataset more than 3 blocks ahead makes the other re-read)
+    monkeypatch.setattr(tiling._SHARED.blocks, "capacity", 8)
     loads.clear()
     cubes = [xr.open_zarr(store, consolidated=False) for _ in cfg.tiling]
     its = [tiling.iter_chips(c, spec, cfg) for c, spec in zip(cubes, cfg.tiling)]
     while its:
         its = [it for it in its if next(it, None) is not None]
     assert len(loads) == 4 * 2
-    assert not tiling._SHARED._blocks and not tiling._SHARED._users  # released with the last user
+    assert not len(tiling._SHARED.blocks) and not tiling._SHARED._users  # released with the last user
