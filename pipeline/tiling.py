@@ -16,6 +16,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig, SplitConfig, TilingSpec
 from pipeline.lru import SharedLRU
+from pipeline.zarr_chunks import ChunkedArray, open_chunked
 
 if TYPE_CHECKING:  # xarray (with pandas) costs ~0.7 s to import: only where it is used
     import xarray as xr
@@ -278,15 +280,20 @@ class RowBlocks:
             dn_arr, scl_arr = self._raw
             t0 = t_idx[0]
             if t_idx == list(range(t0, t0 + len(t_idx))):  # consecutive dates: one read, no stacking copy
-                dn = dn_arr[t0 : t0 + len(t_idx), :, b0:b1, :width]
-                scl = scl_arr[t0 : t0 + len(t_idx), b0:b1, :width]
+                dn = _region(dn_arr, (slice(t0, t0 + len(t_idx)), slice(None), slice(b0, b1), slice(0, width)))
+                scl = _region(scl_arr, (slice(t0, t0 + len(t_idx)), slice(b0, b1), slice(0, width)))
             else:
-                dn = np.stack([dn_arr[t, :, b0:b1, :width] for t in t_idx])
-                scl = np.stack([scl_arr[t, b0:b1, :width] for t in t_idx])
+                dn = np.stack([_region(dn_arr, (slice(t, t + 1), slice(None), slice(b0, b1), slice(0, width)))[0] for t in t_idx])
+                scl = np.stack([_region(scl_arr, (slice(t, t + 1), slice(b0, b1), slice(0, width)))[0] for t in t_idx])
         else:
             dn = self.cube["dn"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
             scl = self.cube["scl"].isel(time=t_idx, y=slice(b0, b1), x=slice(0, width)).values
         return Block(b0, b1, dn, _date_masks(dn, scl))
+
+
+def _region(arr: Any, box: tuple[slice, ...]) -> np.ndarray:
+    """`box` of a cube array: a direct chunk read (`zarr_chunks`) or zarr's own indexing."""
+    return arr.region(box) if isinstance(arr, ChunkedArray) else arr[box]
 
 
 def _store_path(cube: xr.Dataset) -> str | None:
@@ -295,7 +302,11 @@ def _store_path(cube: xr.Dataset) -> str | None:
 
 
 def _raw_arrays(src: str) -> tuple[Any, Any] | None:
-    """The zarr arrays of a cube store, for direct (Dask-free) reads; None if not a local zarr."""
+    """The cube store's arrays for direct (Dask-free) reads: `zarr_chunks.ChunkedArray`s for
+    the cube's own local layout, else zarr arrays; None if not a local zarr store."""
+    chunked = [open_chunked(Path(src) / name) for name in ("dn", "scl")]
+    if all(chunked):
+        return chunked[0], chunked[1]
     try:
         import zarr
 
