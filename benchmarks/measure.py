@@ -2,7 +2,8 @@
 
 The *floor* of a build is what no implementation can avoid: decoding every pixel of the
 scene's COGs (rasterio/GDAL on all cores) plus writing as many bytes as the finished
-dataset holds, sequentially, with fsync. Everything here measures; nothing here builds.
+dataset holds, sequentially, with fsync (through the page cache; the same write with
+O_DIRECT is measured too, as a stricter floor). Everything here measures; nothing here builds.
 """
 
 from __future__ import annotations
@@ -96,18 +97,35 @@ def decode_seconds(files: Sequence[Path], *, repeats: int = 3) -> tuple[float, i
     return best, pixels
 
 
-def write_seconds(n_bytes: int, directory: Path, *, block: int = 8 << 20) -> float:
-    """Write `n_bytes` sequentially to a new file in `directory`, fsync, close; seconds taken."""
-    buf = os.urandom(block)
+def write_seconds(n_bytes: int, directory: Path, *, direct: bool = False, block: int = 8 << 20) -> float:
+    """Write `n_bytes` sequentially to a new file in `directory`, fsync, close; seconds taken.
+
+    `direct=False` is the issue's floor: a plain write through the page cache. `direct=True`
+    writes around the page cache (O_DIRECT), as the pipeline writes its shards: here 0.9 s
+    per GB against 2.8 s buffered, where copying into fresh page-cache pages is slow; it is
+    reported as a stricter floor. inf where the filesystem refuses O_DIRECT."""
+    import mmap
+
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT requires
+    buf.write(os.urandom(block))
     path = Path(directory) / f".floor-write-{os.getpid()}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | (getattr(os, "O_DIRECT", 0) if direct else 0)
     try:
         t = time.perf_counter()
-        with open(path, "wb", buffering=0) as f:
+        fd = os.open(path, flags, 0o644)
+        try:
             left = n_bytes
-            while left > 0:
-                left -= f.write(buf[: min(block, left)])
-            os.fsync(f.fileno())
+            while left > 0:  # whole blocks (O_DIRECT lengths must be aligned), trimmed below
+                left -= os.write(fd, buf)
+            os.ftruncate(fd, n_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         return time.perf_counter() - t
+    except OSError:
+        if direct:
+            return float("inf")
+        raise
     finally:
         path.unlink(missing_ok=True)
 

@@ -105,10 +105,13 @@ def main(argv: list[str] | None = None) -> int:
         fig.add("pipeline_seconds", p1.build.seconds, "wall time of `python -m pipeline.build_shards` (subprocess), 1 scene")
         fig.add("floor_decode_seconds", p1.decode_seconds, "every band COG decoded with rasterio on all cores (best of 3)")
         fig.add("floor_write_seconds", p1.write_seconds, "dataset bytes written sequentially + fsync")
+        fig.add("floor_write_direct_seconds", p1.write_direct_seconds, "the same bytes written with O_DIRECT + fsync")
         fig.add("floor_seconds", p1.floor_seconds)
         fig.add("decode_mpx_per_s", p1.decode_mpx_s)
         fig.add("dataset_mb", p1.dataset_bytes / 1e6, "every file under the output folder: shards, zarr cube, manifest")
         fig.add("pipeline_vs_floor", p1.ratio)
+        fig.add("pipeline_vs_floor_direct_write", p1.ratio_direct,
+                "stricter: against the floor with the faster (O_DIRECT) write")
         fig.add("reference_chipper_seconds", p1.reference_seconds, f"{p1.reference_chips} chips of 128 px")
         fig.add("reference_chipper_vs_floor", p1.reference_seconds / p1.floor_seconds,
                 "plain rasterio read + repeat-upsample + 128 px chips + tar, no masking/stats/zarr/resume")
@@ -296,7 +299,13 @@ def write_results(
         "",
         "- **Floor** = decoding every band COG of the scene with rasterio on all cores (thread pool over files, or "
         "GDAL_NUM_THREADS=ALL_CPUS, whichever is faster; best of 3) + writing as many bytes as the finished dataset "
-        "holds (every file under the output folder) sequentially to one file with fsync.",
+        "holds (every file under the output folder) sequentially to one file with fsync, through the page cache "
+        "(the issue's definition).",
+        "- **pipeline_vs_floor_direct_write** = the same build against a stricter floor: the same bytes written with "
+        "O_DIRECT (around the page cache), as the pipeline writes its shards. On this machine copying into fresh "
+        "page-cache pages is slow (~2.8 s per GB buffered against ~0.9 s direct), so this floor is much lower; it "
+        "carries no requirement in the issue and is reported so that the O_DIRECT shard writer does not flatter "
+        "the headline ratio unnoticed.",
         "- **pipeline_vs_floor** = wall time of `python -m pipeline.build_shards --catalog <catalog.json> --bbox <scene> "
         "--output <dir> --max-cloud 100` (a subprocess: interpreter start, imports, the loopback STAC server, search, "
         "cube, tiling at the default chip sizes 96 and 128 px, shards, statistics, manifest) / floor.",
