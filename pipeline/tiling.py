@@ -10,6 +10,7 @@ time group (ascending dates) -> chip row -> chip column.
 
 from __future__ import annotations
 
+import concurrent.futures as cf
 import functools
 import hashlib
 import threading
@@ -234,6 +235,7 @@ class _SharedBlocks:
 
 
 _SHARED = _SharedBlocks()
+_PREFETCH = cf.ThreadPoolExecutor(1, thread_name_prefix="cube-prefetch")
 
 
 class RowBlocks:
@@ -272,6 +274,12 @@ class RowBlocks:
             key = (self._store, tuple(t_idx), b0, b1, width)
             b = self._block = _SHARED.get(key, lambda: self._load(t_idx, b0, b1, width))
             self._t_idx = tuple(t_idx)
+            n0, n1 = b1, min(b1 + self.ych, self.cube.sizes["y"])
+            if n0 < n1 and self._raw is not None:
+                # decode the next chunk row meanwhile: its reads wait on the disk (the cube is
+                # written around the page cache) and the masks hold the GIL in places
+                nkey = (self._store, tuple(t_idx), n0, n1, width)
+                _PREFETCH.submit(_SHARED.get, nkey, lambda: self._load(t_idx, n0, n1, width))
         o = slice(y_lo - b.y0, y_hi - b.y0)
         return b.dn[:, :, o, :width], {k: m[:, o, :width] for k, m in b.masks.items()}
 
