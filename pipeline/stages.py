@@ -394,6 +394,9 @@ def trim_heap() -> None:
     """
     import ctypes
 
+    from pipeline.zarr_chunks import release_recycled
+
+    release_recycled()  # the tiling's recycled block buffers go first
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

@@ -42,12 +42,13 @@ class ChunkedArray:
     blosc: dict[str, Any]  # the blosc codec's configuration in zarr.json
 
     def region(self, box: tuple[slice, ...]) -> np.ndarray:
-        """The values of `box` (one slice per axis, step 1) as a new C-ordered array."""
+        """The values of `box` (one slice per axis, step 1) as a new C-ordered array, in
+        recycled memory (`recycled_empty`)."""
         from numcodecs import blosc
 
         lo = [0 if s.start is None else s.start for s in box]
         hi = [n if s.stop is None else min(s.stop, n) for s, n in zip(box, self.shape)]
-        out = np.empty([b - a for a, b in zip(lo, hi)], self.dtype)
+        out = recycled_empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
         scratch = _scratch(int(np.prod(self.chunks)) * self.dtype.itemsize)
         chunk = np.frombuffer(scratch, self.dtype).reshape(self.chunks)
         for idx in np.ndindex(*[(b - 1) // c - a // c + 1 for a, b, c in zip(lo, hi, self.chunks)]):
@@ -93,6 +94,46 @@ class ChunkedArray:
     def __setitem__(self, box: tuple[slice, ...], values: np.ndarray) -> None:
         """`dask.array.store` target: blocks of whole chunks (see `write_region`)."""
         self.write_region(box, values)
+
+
+# Freed buffers by size, for `recycled_empty`. A full-width chunk row of a full scene's cube
+# (12 bands x 384 rows x 10980 px) is 101 MB: glibc maps allocations that large afresh each
+# time and unmaps them on free, so every block paid for zeroed new pages (~1 s per GB here,
+# where touching new memory is slow: ~3 CPU-s per full scene, measured with perf).
+_free: dict[int, list[bytearray]] = {}
+_free_lock = threading.Lock()
+_KEEP_FREE = 4  # buffers kept per size: the blocks alive at once (tiling keeps 3, + 1 ahead)
+
+
+def recycled_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Like `np.empty`, in a buffer that goes back to a free list when the array and every
+    view of it are gone, to be handed out again for the next array of the same size."""
+    import weakref
+
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if n < (1 << 20):
+        return np.empty(shape, dtype)
+    with _free_lock:
+        pool = _free.get(n)
+        buf = pool.pop() if pool else None
+    if buf is None:
+        buf = bytearray(n)
+    base = np.frombuffer(buf, dtype)  # views of the result all hold `base` (numpy collapses view chains)
+    weakref.finalize(base, _give_back, buf)
+    return base.reshape(shape)
+
+
+def _give_back(buf: bytearray) -> None:
+    with _free_lock:
+        pool = _free.setdefault(len(buf), [])
+        if len(pool) < _KEEP_FREE:
+            pool.append(buf)
+
+
+def release_recycled() -> None:
+    """Drop the free buffers (after each grid: memory must not grow with the scene count)."""
+    with _free_lock:
+        _free.clear()
 
 
 ALIGN = 4096  # O_DIRECT: buffer address, file offset and length are multiples of this

@@ -83,3 +83,21 @@ def test_chunks_written_here_are_zarrs_own_bytes(tmp_path: Path) -> None:
     np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "here"), mode="r")[...], data)
     with pytest.raises(ValueError, match="whole chunks"):
         target.write_region((slice(0, 1), slice(None), slice(16, 48), slice(0, 40)), data[:1, :, 16:48, :40])
+
+
+def test_recycled_buffers_come_back_only_when_every_view_is_gone() -> None:
+    from pipeline import zarr_chunks
+
+    zarr_chunks.release_recycled()
+    a = zarr_chunks.recycled_empty((2, 1024, 1024), np.uint16)
+    a[...] = 7
+    view = a[1, 10:20]
+    addr = a.__array_interface__["data"][0]
+    del a
+    b = zarr_chunks.recycled_empty((2, 1024, 1024), np.uint16)  # `view` still holds the first buffer
+    assert b.__array_interface__["data"][0] != addr and (view == 7).all()
+    del view
+    c = zarr_chunks.recycled_empty((2, 1024, 1024), np.uint16)
+    assert c.__array_interface__["data"][0] == addr  # handed out again, no new pages
+    zarr_chunks.release_recycled()
+    assert not zarr_chunks._free
