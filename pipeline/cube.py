@@ -79,8 +79,8 @@ class Unit:
             "scenes": [(s.id, s.harmonisation.rule, sorted(s.hrefs)) for s in self.scenes],
             "resampling": cfg.resampling_full,
             "grid": [self.epsg, list(self.shape), list(self.transform)],
-            # 2: 60 m bilinear computed in float64 (pipeline.kernels); 1 DN apart from
-            # version 1 on ~0.5 % of B01/B09 pixels, so a version 1 cube is not reused
+            # 2: bilinear computed in float64, columns first (pipeline.kernels); 60 m bands
+            # 1 DN apart from version 1 on ~0.5 % of B01/B09 pixels: a version 1 cube is not reused
             "version": 2,
         }
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
