@@ -82,6 +82,11 @@ def main(argv: list[str] | None = None, *, refresh: bool = False) -> int:
     )
     for noisy in ("urllib3", "rasterio", "distributed", "uvicorn", "httpx", "asyncio", "fsspec", "aiobotocore", "botocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # distributed installs its own logging configuration (INFO: ~40 lines per build) when it
+    # is imported, after this: its level is set through dask's config instead
+    import dask
+
+    dask.config.set({"logging.distributed": "info" if args.verbose else "warning"})
     # odc-loader warps intermediate numpy buffers that carry no geotransform; harmless noise per read
     warnings.filterwarnings("ignore", message="Dataset has no geotransform")
     try:
