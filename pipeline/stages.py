@@ -206,9 +206,10 @@ def _warm_imports() -> None:
     """Import the cube stage's heavy modules in a background thread.
 
     xarray (with pandas), distributed, zarr, rasterio, odc-stac and rioxarray take ~1.8 s
-    to import here, and Numba with the compiled kernels ~0.7 s; the catalog stage spends about as long waiting on another process (the
-    loopback STAC server starting, or a remote API answering), so importing meanwhile
-    hides that time (measured: about 1.5 s less per build). The main thread's own imports
+    to import here, and Numba with the cached kernels ~0.7 s; the catalog stage spends
+    about as long waiting on another process (the loopback STAC server starting, or a
+    remote API answering), so importing meanwhile hides that time (measured: about 1.5 s
+    less per build). The main thread's own imports
     later wait on the module locks, so nothing is imported twice or half-way.
     """
 
