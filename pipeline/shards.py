@@ -152,7 +152,7 @@ class DirectFile:
     where the filesystem refuses O_DIRECT (tmpfs, some network filesystems).
     """
 
-    ALIGN = 4096
+    ALIGN = 4096  # as zarr_chunks.ALIGN: O_DIRECT's alignment of memory, offsets and lengths
 
     def __init__(self, fd: int, block: int = 4 << 20) -> None:
         import concurrent.futures as cf
@@ -170,11 +170,10 @@ class DirectFile:
     @staticmethod
     def open(path: Path) -> Any:
         """A `DirectFile` on a new file at `path`, or a buffered file where O_DIRECT is refused."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-        try:
-            return DirectFile(os.open(path, flags | os.O_DIRECT, 0o644))
-        except (OSError, AttributeError):  # EINVAL on tmpfs; no os.O_DIRECT outside Linux
-            return open(path, "wb")
+        from pipeline.zarr_chunks import open_direct
+
+        fd = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        return open(path, "wb") if fd is None else DirectFile(fd)
 
     def write(self, b: Any) -> int:
         if self._flushed:

@@ -18,6 +18,7 @@ through zarr: the format stays plain zarr either way.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import struct
@@ -41,13 +42,21 @@ class ChunkedArray:
     fill: int
     blosc: dict[str, Any]  # the blosc codec's configuration in zarr.json
 
+    def _bounds(self, box: tuple[slice, ...]) -> tuple[list[int], list[int]]:
+        """First and end index per axis of `box` (slices with step 1; None = the array's edge)."""
+        lo = [0 if s.start is None else s.start for s in box]
+        hi = [n if s.stop is None else min(s.stop, n) for s, n in zip(box, self.shape)]
+        return lo, hi
+
+    def _chunk_path(self, cidx: list[int]) -> Path:
+        return self.path / "c" / "/".join(map(str, cidx))  # default chunk keys, "/" separator
+
     def region(self, box: tuple[slice, ...]) -> np.ndarray:
         """The values of `box` (one slice per axis, step 1) as a new C-ordered array, in
         recycled memory (`recycled_empty`)."""
         from numcodecs import blosc
 
-        lo = [0 if s.start is None else s.start for s in box]
-        hi = [n if s.stop is None else min(s.stop, n) for s, n in zip(box, self.shape)]
+        lo, hi = self._bounds(box)
         out = recycled_empty(tuple(b - a for a, b in zip(lo, hi)), self.dtype)
         scratch = _scratch(int(np.prod(self.chunks)) * self.dtype.itemsize)
         chunk = np.frombuffer(scratch, self.dtype).reshape(self.chunks)
@@ -57,7 +66,7 @@ class ChunkedArray:
             dst = tuple(slice(max(a, o) - a, min(b, o + c) - a) for a, b, o, c in zip(lo, hi, origin, self.chunks))
             src = tuple(slice(max(a, o) - o, min(b, o + c) - o) for a, b, o, c in zip(lo, hi, origin, self.chunks))
             try:
-                data = read_file(self.path / "c" / "/".join(map(str, cidx)))
+                data = read_file(self._chunk_path(cidx))
             except FileNotFoundError:  # never written: the fill value (zarr's rule)
                 out[dst] = self.fill
                 continue
@@ -74,8 +83,7 @@ class ChunkedArray:
         from numcodecs import Blosc
 
         codec = Blosc(**self.blosc)
-        lo = [0 if s.start is None else s.start for s in box]
-        hi = [n if s.stop is None else min(s.stop, n) for s, n in zip(box, self.shape)]
+        lo, hi = self._bounds(box)
         for a, b, c, n in zip(lo, hi, self.chunks, self.shape):
             if a % c or (b % c and b != n):
                 raise ValueError(f"write_region: {box} is not made of whole chunks of {self.chunks}")
@@ -87,7 +95,7 @@ class ChunkedArray:
                 full[tuple(slice(0, n) for n in part.shape)] = part
                 part = full
             data = codec.encode(np.ascontiguousarray(part, dtype=self.dtype).reshape(-1).view(np.uint8))
-            path = self.path / "c" / "/".join(map(str, cidx))
+            path = self._chunk_path(cidx)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_file(path, data)
 
@@ -156,12 +164,25 @@ def _scratch(n: int) -> memoryview:
     return _aligned("scratch", n)[:n]
 
 
+def open_direct(path: Path, flags: int) -> int | None:
+    """`os.open(path, flags | O_DIRECT)`, or None where the filesystem (EINVAL: older tmpfs,
+    some network filesystems) or the platform (no O_DIRECT) refuses it; other errors raise."""
+    direct = getattr(os, "O_DIRECT", None)
+    if direct is None:
+        return None
+    try:
+        return os.open(path, flags | direct, 0o644)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+
+
 def write_file(path: Path, data: bytes | memoryview) -> None:
     """Create `path` holding `data`, written with O_DIRECT (plain write where refused)."""
     n = len(data)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
-    except (OSError, AttributeError):  # EINVAL: this filesystem has no O_DIRECT
+    fd = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    if fd is None:
         path.write_bytes(data)
         return
     try:
@@ -180,11 +201,8 @@ def write_file(path: Path, data: bytes | memoryview) -> None:
 def read_file(path: Path) -> memoryview:
     """The bytes of `path`, read with O_DIRECT into a per-thread buffer (valid until this
     thread's next `read_file`; plain read where refused). Raises FileNotFoundError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except FileNotFoundError:
-        raise
-    except (OSError, AttributeError):
+    fd = open_direct(path, os.O_RDONLY)
+    if fd is None:
         return memoryview(path.read_bytes())
     try:
         n = os.fstat(fd).st_size
