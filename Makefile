@@ -4,16 +4,18 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run build train test test-fast bench bench-torchgeo clean
+.PHONY: setup run build train test test-fast lock check-lock check-lowest bench bench-torchgeo clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# Exact pins from the lock (reproducible), then the project itself without resolving again;
+# pip check fails when the lock and pyproject.toml's ranges disagree.
+$(VENV)/.installed: pyproject.toml requirements/dev.lock
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and alone: the CPU build on this machine's disk, before anything can pull a CUDA one
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[train,test]"
+	$(PY) -m pip install -q -r requirements/dev.lock
+	$(PY) -m pip install -q --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
 build: setup
@@ -26,23 +28,39 @@ train: setup
 
 run: build train
 
+# The lock check first (seconds), then everything, the installed-product test included.
 test: setup
+	$(PY) scripts/lock.py --check
 	bash scripts/install_chromium.sh
 	$(PY) -m pytest
 
 test-fast: setup
 	$(PY) -m pytest -m "not slow"
 
+# Re-resolve requirements/*.lock from pyproject.toml (keeps current pins; --upgrade for newest).
+lock: setup
+	$(PY) scripts/lock.py
+
+check-lock: setup
+	$(PY) scripts/lock.py --check
+
+# The wheel with every core dependency at its declared lower bound (PyPI), checked against the
+# checkout's sample dataset (scripts/check_lowest.sh).
+check-lowest: setup
+	bash scripts/check_lowest.sh
+
 bench: setup
 	$(PY) -m benchmarks.run_all
 
-# The issue's reference reader, TorchGeo, in its own environment (never a project dependency):
-# torchvision pinned to the release that matches torch 2.13, else pip pulls a newer CUDA torch.
+# The issue's reference reader, TorchGeo, in its own environment (never a project dependency).
+# torch 2.14.1 with torchvision 0.29.1: PyPI's torchvision does not import next to torch 2.13's
+# CPU build ('operator torchvision::nms does not exist'); this pair imports and runs TorchGeo 0.8.1.
 TG_VENV := .venv-torchgeo
 $(TG_VENV)/.installed:
 	python3 -m venv $(TG_VENV)
-	$(TG_VENV)/bin/pip install -q torch==2.13.0
-	$(TG_VENV)/bin/pip install -q torchgeo==0.8.1 torch==2.13.0 torchvision==0.28.0 requests
+	$(TG_VENV)/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(TG_VENV)/bin/pip install -q torchgeo==0.8.1 torch==2.14.1 torchvision==0.29.1 requests
+	$(TG_VENV)/bin/python -c "import torchgeo.datasets, torchvision.ops"
 	touch $@
 
 bench-torchgeo: setup $(TG_VENV)/.installed

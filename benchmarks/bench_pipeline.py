@@ -46,7 +46,7 @@ class Scenes:
 
 
 def generate(out: Path, n_scenes: int, size: int, seed: int = 0) -> Scenes:
-    from pipeline.synth import generate_scenes
+    from tools.synth import generate_scenes
 
     t = time.perf_counter()
     cat = generate_scenes(out, n_scenes, size, seed)
@@ -59,7 +59,7 @@ def generate(out: Path, n_scenes: int, size: int, seed: int = 0) -> Scenes:
 def subset_catalog(scenes: Scenes, n: int, out: Path) -> tuple[Path, list[float]]:
     """A static catalog of the first `n` scenes (asset hrefs absolute, pointing at the same COGs)
     and a lon/lat bbox covering them."""
-    from pipeline.sample_catalog import collection_extent, write_static_catalog
+    from tools.sample_catalog import collection_extent, write_static_catalog
 
     items = []
     for p in scenes.items[:n]:

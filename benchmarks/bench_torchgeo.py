@@ -6,7 +6,7 @@ PATH` calls it as a subprocess; by hand:
 
     /path/to/venv/bin/python benchmarks/bench_torchgeo.py SCENE_DIR --seconds 15
 
-SCENE_DIR holds one COG per band named ``B01.tif`` ... ``B12.tif`` (what `pipeline.synth`
+SCENE_DIR holds one COG per band named ``B01.tif`` ... ``B12.tif`` (what `tools.synth`
 writes). Prints one JSON line: ``{"chips_per_s": ..., "chips": ..., "seconds": ...}``.
 
 The setup is the one the issue quotes (~115 chips/s on this machine): 128 px chips of all 12

@@ -281,7 +281,7 @@ def write_results(
         f"{', '.join(f'{v:.2f}' for v in load_end)}. The machine is shared: other engineers' tests may have "
         "used the CPU during the run, which makes wall times longer and ratios noisier.",
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
-        f"- Scenes: synthetic Sentinel-2 L2A from `pipeline.synth` (real BigEarthNet-S2 texture and spectra), "
+        f"- Scenes: synthetic Sentinel-2 L2A from `tools.synth` (real BigEarthNet-S2 texture and spectra), "
         f"{size} px at 10 m per side ({'full 109.8 km tile' if size == FULL else f'{size / FULL:.3g} of a tile side'}); "
         f"scaling over {', '.join(map(str, counts))} scenes; page cache warm for both the pipeline and the floor.",
         f"- Total benchmark time: {elapsed / 60:.1f} min",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import warnings
 
@@ -27,9 +28,9 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline.build_shards")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m pipeline.build_shards") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.build_shards",
+        prog=prog,
         description="Search Sentinel-2 L2A scenes through STAC and write analysis-ready zarr cubes and WebDataset shards.",
     )
     g = p.add_argument_group("what to search")
@@ -69,10 +70,9 @@ def _glue_negative_bbox(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None, *, refresh: bool = False) -> int:
-    p = parser()
+def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | None = None) -> int:
+    p = parser(prog or ("python -m pipeline.refresh" if refresh else "python -m pipeline.build_shards"))
     if refresh:
-        p.prog = "python -m pipeline.refresh"
         p.description = "Add the scenes a dataset does not have yet as a new dataset version."
     args = p.parse_args(_glue_negative_bbox(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
@@ -130,7 +130,7 @@ def _dataset_config(cfg, overrides):  # type: ignore[no-untyped-def]
     """A refresh without --config continues with the dataset's own settings (from its
     manifest), with the given flags on top, so it never re-tiles by accident."""
     from pipeline import storage
-    from pipeline.config import build_config
+    from pipeline.config import build_config, is_catalog_file
 
     out = cfg.output_target
     if storage.is_url(out):
@@ -141,6 +141,10 @@ def _dataset_config(cfg, overrides):  # type: ignore[no-untyped-def]
     if not man:
         return cfg
     raw = {k: v for k, v in man["config"].items() if k not in ("output", "workers", "scheduler")}
+    recorded = raw.get("catalog")
+    if recorded and not storage.is_url(out) and is_catalog_file(recorded):
+        # a local static catalog is recorded relative to the dataset folder (BuildConfig.recorded_catalog)
+        raw["catalog"] = os.path.normpath(os.path.join(out, recorded))
     raw.update({k: v for k, v in overrides.items() if v is not None})
     if overrides.get("bbox") is not None:
         raw["aoi"] = None

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+import catalogs as _catalog_data
 from pipeline.errors import CatalogError, ConfigError
 
-#: Repository folder holding sentinel2.yaml, sources.yaml, aois/ and sample/.
-CATALOG_DIR = Path(__file__).resolve().parent.parent / "catalogs"
+#: The installed `catalogs` package's folder: sentinel2.yaml, sources.yaml, aois/ and sample/
+#: (package data, found through importlib.resources, so it works from a wheel as from a checkout).
+CATALOG_DIR = _catalog_data.root()
 
 _AOI_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 

@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from pipeline.errors import ConfigError
+from spectralgpt.shipped import find_config, package_folder, shipped_names
 
 Resampling = Literal["nearest", "bilinear", "cubic", "average"]
 SmallSceneRule = Literal["resize", "pad", "skip"]
@@ -201,23 +203,51 @@ class BuildConfig:
         d["tiling"] = [dataclasses.asdict(t) for t in self.tiling]
         return d
 
+    def recorded_catalog(self) -> str | None:
+        """`catalog` as shareable outputs (manifest, sample JSON) record it: a local catalog
+        file relative to the dataset folder (its name alone for a remote dataset), so no
+        user's folder layout leaks into a dataset and a moved dataset + catalog still refresh."""
+        if not is_catalog_file(self.catalog):
+            return self.catalog
+        assert self.catalog is not None
+        target = self.output_target
+        if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", target):
+            return Path(self.catalog).name
+        return Path(os.path.relpath(Path(self.catalog).resolve(), Path(target).resolve())).as_posix()
+
+    def recorded(self) -> dict[str, Any]:
+        """The config as `manifest.json` records it: no output location (the manifest is in
+        it) and a local catalog file relative to the dataset (see `recorded_catalog`)."""
+        d = self.to_dict()
+        d.pop("output")
+        d["catalog"] = self.recorded_catalog()
+        return d
+
     def hash(self) -> str:
         """sha256 of the canonical JSON of everything that changes the dataset's content.
 
-        `output`, `workers` and `scheduler` change where and how fast, not what.
+        `output`, `workers` and `scheduler` change where and how fast, not what; a local
+        catalog file counts by its place relative to the dataset, not by how it was typed.
         """
-        d = self.to_dict()
-        for k in ("output", "workers", "scheduler", *_RUN_KEYS):
+        d = self.recorded()
+        for k in ("workers", "scheduler", *_RUN_KEYS):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def layout_hash(self) -> str:
         """Hash of what shapes samples (tiling, quality, split, shards, resampling), not of
         what is searched: a refresh may search another date range, never re-tile."""
-        d = self.to_dict()
-        for k in ("output", "workers", "scheduler", *_RUN_KEYS, *_SEARCH_KEYS):
+        d = self.recorded()
+        for k in ("workers", "scheduler", *_RUN_KEYS, *_SEARCH_KEYS):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+
+def is_catalog_file(catalog: str | None) -> bool:
+    """True when `catalog` names a local static catalog file (not a source name or a URL)."""
+    if catalog is None or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", catalog):
+        return False
+    return catalog.endswith(".json") or Path(catalog).exists()
 
 
 _RUN_KEYS = ("retries", "retry_backoff_s", "fail_fast", "sign", "token_url")  # how hard to try, not what is built
@@ -296,13 +326,18 @@ def build_config(raw: dict[str, Any]) -> BuildConfig:
         raise ConfigError(f"invalid config: {e}") from None
 
 
+#: Example configs shipped in the package (`--config europe_live` finds pipeline/configs/europe_live.yaml).
+SHIPPED_CONFIGS = package_folder("pipeline", "configs")
+
+
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> BuildConfig:
-    """Defaults <- YAML file at `path` <- `overrides` (None values are ignored)."""
+    """Defaults <- YAML file at `path` (or a shipped config of that name) <- `overrides`
+    (None values are ignored)."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
+        p = find_config(path, SHIPPED_CONFIGS)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} not found")
+            raise ConfigError(f"config file {str(path)!r} not found (shipped configs: {shipped_names(SHIPPED_CONFIGS)})")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import math
+import os
 import random
 import sys
 import tarfile
@@ -704,7 +705,9 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
     n_shards = sum(len(sp.get("shards", [])) for d in man["datasets"].values() for sp in d["splits"].values())
     n_bytes = sum(int(sh.get("bytes") or 0) for d in man["datasets"].values() for sp in d["splits"].values()
                   for sh in sp.get("shards", []))
-    name = root.name or str(root)
+    name = root.resolve().name
+    # the report names the manifest relative to itself: no local folder layout in a page users share
+    rel_manifest = Path(os.path.relpath(manifest_path.resolve(), out.resolve())).as_posix()
     headline = (
         f'<strong><span id="chip-count">{n_chips}</span> chips</strong> in {len(man["datasets"])} datasets '
         f"({esc(', '.join(man['datasets']))}) \u00b7 {n_shards} shards \u00b7 {esc(fmt_bytes(n_bytes))}"
@@ -712,11 +715,11 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
     )
     page = Page(
         f"Dataset report: {name}",
-        subtitle=f"{manifest_path} \u00b7 {man.get('format')} \u00b7 config {str(man.get('config_hash') or '')[:12]}",
+        subtitle=f"{rel_manifest} \u00b7 {man.get('format')} \u00b7 config {str(man.get('config_hash') or '')[:12]}",
         headline=headline,
         credits=[
             f"{COPERNICUS_CREDIT}{_credit_years(man)}, processed by ESA.",
-            f"Report written by python -m pipeline.inspect (pipeline {__version__}) from {manifest_path}; "
+            f"Report written by python -m pipeline.inspect (pipeline {__version__}) from {rel_manifest}; "
             "static page, no scripts, no network resources.",
         ],
     )
@@ -741,7 +744,7 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
     src = man.get("source") or {}
     summ = man.get("summary") or {}
     kv = key_values([
-        ("dataset", str(root)),
+        ("dataset", name),
         ("format", man.get("format")),
         ("created", man.get("created")),
         ("software version", man.get("software_version")),
@@ -955,9 +958,9 @@ def _write_report(scan: Scan, man: dict[str, Any], mpath: Path, out: Path, *, pe
         (tmp / "index.html").write_text(render_page(scan, man, mpath, out, pngs), encoding="utf-8")
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(prog: str = "python -m pipeline.inspect") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.inspect",
+        prog=prog,
         description="Write a static HTML report (index.html + PNGs) of a shard dataset: contact sheet, band "
         "histograms and statistics, footprint map, quality distributions, scenes and summary.",
     )
@@ -973,9 +976,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m pipeline.inspect") -> int:
     """CLI entry point; returns the exit code."""
-    args = parser().parse_args(argv)
+    args = parser(prog).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -18,8 +18,8 @@ import sys
 from pipeline.build_shards import main as _main
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _main(argv, refresh=True)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    return _main(argv, refresh=True, prog=prog)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ def open_catalog(cfg: BuildConfig) -> Iterator[ResolvedCatalog]:
         if not p.is_file():
             raise CatalogError(f"catalog file {name!r} not found")
         with stac_server.serve_static_catalog(p.resolve()) as url:
-            yield ResolvedCatalog(str(p), url, cfg.collection or _static_collection(p), None)
+            # recorded relative to the dataset: no local folder layout in manifests or samples
+            yield ResolvedCatalog(str(cfg.recorded_catalog()), url, cfg.collection or _static_collection(p), None)
         return
     src = get_source(name)
     if src.path is not None:

@@ -637,7 +637,7 @@ def _manifest(
         "created": (prev or {}).get("created", now),
         "updated": now,
         "latest_version": version,
-        "config": cfg.to_dict(),
+        "config": cfg.recorded(),
         "config_hash": cfg.hash(),
         "layout_hash": cfg.layout_hash(),
         "scenes_hash": scenes_hash(ids=used_ids),

@@ -1,4 +1,7 @@
-"""``python -m training {pretrain,export,sizes} ...``: one entry for the trainer's commands."""
+"""``python -m training {pretrain,export,evaluate,sizes} ...``: the trainer's commands.
+
+The same commands as ``spectralgpt pretrain|export|evaluate|sizes`` (``spectralgpt.cli``).
+"""
 
 from __future__ import annotations
 
@@ -21,18 +24,21 @@ def sizes() -> int:
     return 0
 
 
+def sizes_main(argv: list[str] | None = None, prog: str = "python -m training sizes") -> int:
+    """``sizes`` takes no options."""
+    if argv:
+        print(f"error: {prog} takes no arguments", file=sys.stderr)
+        return 2
+    return sizes()
+
+
 def main(argv: list[str] | None = None) -> int:
+    from spectralgpt.cli import COMMANDS, run
+
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = ("pretrain", "export", "sizes")
+    commands = [name for name, (_, _, trainer) in COMMANDS.items() if trainer]
     if not argv or argv[0] not in commands:
         print(f"usage: python -m training {{{','.join(commands)}}} [options]  "
               f"(see: python -m training pretrain --help)", file=sys.stderr)
         return 2
-    command, rest = argv[0], argv[1:]
-    if command == "sizes":
-        return sizes()
-    if command == "pretrain":
-        from training.pretrain import main as run
-    else:
-        from training.export import main as run
-    return run(rest)
+    return run(argv[0], argv[1:], prog=f"python -m training {argv[0]}")

@@ -36,10 +36,11 @@ from typing import Any, Literal
 
 import yaml
 
+from spectralgpt.shipped import find_config, package_folder, shipped_names
 from training.errors import ConfigError
 
 #: Directory holding the shipped YAML and DeepSpeed JSON files.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = package_folder("training", "configs")
 #: Used when ``pretrain.py`` gets no ``--config``.
 DEFAULT_CONFIG = CONFIG_DIR / "tiny_cpu.yaml"
 
@@ -296,14 +297,11 @@ class RunConfig:
 
     def deepspeed_config_path(self) -> Path:
         """Resolve ``deepspeed_config``: an existing path, else a file in ``training/configs``."""
-        path = Path(self.deepspeed_config)
+        path = find_config(self.deepspeed_config, CONFIG_DIR, ".json")
         if path.is_file():
             return path
-        shipped = CONFIG_DIR / self.deepspeed_config
-        if shipped.is_file():
-            return shipped
         raise ConfigError(f"deepspeed_config '{self.deepspeed_config}' not found (neither a path "
-                          f"nor a file in {CONFIG_DIR})")
+                          f"nor a shipped config: {shipped_names(CONFIG_DIR, '.json')})")
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (YAML/JSON safe) that :func:`config_from_dict` reads back."""
@@ -453,10 +451,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML config (default ``training/configs/tiny_cpu.yaml``) and apply overrides."""
-    path = Path(path) if path is not None else DEFAULT_CONFIG
+    """Read a YAML config (default ``training/configs/tiny_cpu.yaml``) and apply overrides.
+
+    A bare name that is not a file here (``base_gpu``, ``tiny_cpu.yaml``) is looked up among
+    the shipped configs, so an installed package needs no source tree.
+    """
+    path = find_config(path, CONFIG_DIR) if path is not None else DEFAULT_CONFIG
     if not path.is_file():
-        raise ConfigError(f"config file '{path}' not found")
+        raise ConfigError(f"config file '{path}' not found (shipped configs: "
+                          f"{shipped_names(CONFIG_DIR)})")
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:

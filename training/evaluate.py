@@ -43,11 +43,11 @@ DENSE_DEFAULTS = {"linear": (30, 1e-3, 1e-4), "finetune": (30, 1e-4, 0.05)}
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:  # one line, exit 2 (argparse's status)
-        self.exit(2, f"error: {message} (see python -m training.evaluate --help)\n")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m training.evaluate", description=__doc__.split("\n\n")[0],
+def build_parser(prog: str = "python -m training.evaluate") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="data set root directory")
@@ -220,7 +220,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     result = {
         "task": args.task, "protocol": args.protocol, "metrics": out["metrics"],
-        "checkpoint": ckpt.describe(), "data": {"root": str(data_dir.resolve()), **data.info,
+        "checkpoint": ckpt.describe(), "data": {"root": data_dir.resolve().name, **data.info,
                                                 "classes": data.class_names},
         "split": split, "normalisation": norm.describe(), "image_size": size,
         "bands": " ".join(readers.model_bands()),
@@ -238,6 +238,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     given = Path(args.checkpoint)
     out_dir = Path(args.out) if args.out else (given if given.is_dir() else given.parent) / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
+    # results are shared: the checkpoint is named relative to them, never by an absolute path
+    result["checkpoint"]["path"] = Path(os.path.relpath(given.resolve(), out_dir.resolve())).as_posix()
     stem = out_dir / f"{args.task}-{args.protocol}"
     stem.with_suffix(".json").write_text(json.dumps(_clean(result), indent=1) + "\n")
     stem.with_suffix(".md").write_text(markdown(result))
@@ -247,9 +249,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate") -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(prog).parse_args(argv)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",

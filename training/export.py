@@ -70,7 +70,9 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
     info: dict[str, Any] = {
         "format": EXPORT_FORMAT, "model": asdict(model_cfg), "preset": run.model_preset,
         "stage": stage.name, "global_step": state.global_step,
-        "samples_seen": state.samples_seen, "source": str((ckpt_dir / tag).resolve()),
+        "samples_seen": state.samples_seen,
+        # relative to the exported file: no user's folder layout in a file meant to be shared
+        "source": Path(os.path.relpath((ckpt_dir / tag).resolve(), out.parent.resolve())).as_posix(),
         "bands_order": "B01 B02 B03 B04 B05 B06 B07 B08 B8A B09 B11 B12",
         "normalisation": run.normalisation,
     }
@@ -133,8 +135,8 @@ def load_exported(path: str | Path) -> SpectralMAE:
     return model
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__.split(
+def main(argv: list[str] | None = None, prog: str = "python -m training.export") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split(
         "\n\n")[0])
     parser.add_argument("source", help="run dir, its checkpoints/ dir, or a global_stepN dir")
     parser.add_argument("--out", default=None, help="output file (default: <run>/export/...)")

@@ -74,9 +74,9 @@ logger = logging.getLogger("training.pretrain")
 # --------------------------------------------------------------------------- arguments
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "deepspeed training/pretrain.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="deepspeed training/pretrain.py",
+        prog=prog,
         description="Progressive SpectralGPT pretraining on pipeline shards (DeepSpeed ZeRO).")
     parser.add_argument("--config", default=None,
                         help="YAML run config (default: training/configs/tiny_cpu.yaml)")
@@ -437,9 +437,9 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain.py") -> int:
     """CLI entry; returns the exit code (0 ok, 1 non-finite loss, 2 user error)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser(prog).parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
     try:

@@ -159,9 +159,17 @@ def load_run(run_dir: Path) -> Run:
     log_path = run_dir / "train.log"
     if log_path.is_file():
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        run.log_tail = lines[-LOG_TAIL:]
+        # the page is shared: paths inside the run read relative to it, not as this machine's folders
+        prefixes = sorted({f"{run_dir}/", f"{run_dir.resolve()}/"}, key=len, reverse=True)
+        run.log_tail = [_strip_prefixes(ln, prefixes) for ln in lines[-LOG_TAIL:]]
         run.log_warnings = sum(" WARNING " in ln or " ERROR " in ln for ln in lines)
     return run
+
+
+def _strip_prefixes(line: str, prefixes: list[str]) -> str:
+    for prefix in prefixes:
+        line = line.replace(prefix, "")
+    return line
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -328,7 +336,7 @@ def _run_facts(run: Run) -> list[tuple[str, Any]]:
     times = [r["time"] for r in run.records if isinstance(r.get("time"), (int, float))]
     params = [(k, _millions(s.get(f"params_{k}"))) for k in ("total", "encoder", "decoder")]
     return [
-        ("run directory", Cell(f"<code>{esc(run.run_dir)}</code>")),
+        ("run directory", Cell(f"<code>{esc(run.run_dir.resolve().name)}</code>")),
         ("model", m and (
             f"{m.get('preset', '?')} preset: embed {m.get('embed_dim')}, depth {m.get('depth')}, "
             f"decoder {m.get('decoder_embed_dim')} {TIMES} {m.get('decoder_depth')}, tokens "
@@ -524,10 +532,10 @@ def render_page(run: Run, pngs: dict[str, Png | None], images: dict[Path, Png]) 
     """
     written = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     page = Page(f"Pretraining run: {run.name}",
-                subtitle=f"SpectralGPT masked autoencoder{DOT}{run.run_dir}",
+                subtitle=f"SpectralGPT masked autoencoder{DOT}{run.run_dir.resolve().name}",
                 credits=[f"{COPERNICUS_CREDIT} (reconstruction images), processed by ESA.",
                          f"Written by python -m training.run_page at {written} from "
-                         f"{run.run_dir}; static page, no scripts, no network resources."])
+                         f"{run.run_dir.resolve().name}; static page, no scripts, no network resources."])
     _summary(run, page)
     _loss_section(run, page, pngs["loss"])
     _lr_section(page, pngs["lr"])

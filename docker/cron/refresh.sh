@@ -6,7 +6,7 @@ set -uo pipefail
 OUTPUT="${REFRESH_OUTPUT:-/data/europe}"
 AOI="${REFRESH_AOI:-europe}"
 CATALOG="${REFRESH_CATALOG:-earth-search}"
-python -m pipeline.refresh --aoi "$AOI" --catalog "$CATALOG" --output "$OUTPUT" ${REFRESH_ARGS:-}
+spectralgpt refresh --aoi "$AOI" --catalog "$CATALOG" --output "$OUTPUT" ${REFRESH_ARGS:-}
 rc=$?
 if [ "$rc" -ne 0 ]; then
     echo "refresh of $OUTPUT failed with exit code $rc" >&2

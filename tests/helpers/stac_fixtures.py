@@ -30,7 +30,7 @@ import yaml
 from rasterio.transform import Affine
 
 from pipeline.catalogs import Band, sensor
-from pipeline.sample_catalog import collection_extent, lonlat_footprint, write_cog, write_static_catalog
+from tools.sample_catalog import collection_extent, lonlat_footprint, write_cog, write_static_catalog
 from tests.helpers.paths import SCL_JP2, SHARED_STAC
 
 PC_ITEMS_JSON = SHARED_STAC / "planetary-computer_items_2024-04-19.json"

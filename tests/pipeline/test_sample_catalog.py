@@ -13,7 +13,7 @@ import rasterio
 from pyproj import Transformer
 
 from pipeline.catalogs import CATALOG_DIR, sensor
-from pipeline.sample_catalog import (
+from tools.sample_catalog import (
     SampleCatalogError,
     build_sample_catalog,
     iter_catalog_files,
@@ -24,7 +24,7 @@ from tests.helpers.paths import BIGEARTHNET
 
 SAMPLE = CATALOG_DIR / "sample"
 COLL = SAMPLE / "sentinel-2-l2a"
-REBUILD = "rebuild it: python -m pipeline.sample_catalog --src ../shared/data/bigearthnet-s2-tiny --out catalogs/sample"
+REBUILD = "rebuild it: python -m tools.sample_catalog --src ../shared/data/bigearthnet-s2-tiny --out catalogs/sample"
 
 
 def _items() -> dict[str, dict[str, Any]]:

@@ -15,7 +15,7 @@ import shapely.geometry
 from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig
 from pipeline.search import ResolvedCatalog, normalise_item
-from pipeline.synth import (
+from tools.synth import (
     OFFSET_DN,
     PATCH_PX_10M,
     PERTURBATION,

@@ -39,7 +39,7 @@ from torch import Tensor
 from training.config import ModelConfig, config_from_dict
 from training.errors import TrainingError
 from training.evaluation.errors import EvaluationError
-from training.evaluation.readers import REPO, model_bands
+from training.evaluation.readers import model_bands
 from training.models.spectral_mae import PRESETS, SpectralMAE, load_official_state_dict
 
 logger = logging.getLogger(__name__)
@@ -255,7 +255,7 @@ def resolve_normalisation(ckpt: Checkpoint, mode: NormMode = "auto",
         candidates.append(Path(manifest))
     run = ckpt.run_config or {}
     if run.get("manifest"):
-        candidates += [Path(run["manifest"]), REPO / run["manifest"]]
+        candidates.append(Path(run["manifest"]))  # as the run recorded it: relative to where it ran
     stage = ckpt.info.get("stage")
     dataset = next((s.get("dataset") for s in run.get("stages", []) if s.get("name") == stage),
                    None)
@@ -263,7 +263,7 @@ def resolve_normalisation(ckpt: Checkpoint, mode: NormMode = "auto",
         if path.is_file():
             mean, std = _manifest_stats(path, dataset)
             return Normalisation("dataset_stats", tuple(mean), tuple(std),
-                                 f"manifest {path} ({dataset})")
+                                 f"manifest {path.name} ({dataset})")  # no local folder layout in results
     if mode == "dataset_stats":
         raise EvaluationError("--normalisation dataset_stats: no statistics in the checkpoint "
                               "and no manifest found; pass --manifest PATH")

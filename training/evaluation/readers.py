@@ -53,6 +53,7 @@ import yaml
 from numpy.typing import NDArray
 from rasterio.errors import NotGeoreferencedWarning
 
+from pipeline.catalogs import sensor
 from training.evaluation.errors import DatasetFormatError, MissingBandsError
 
 __all__ = [
@@ -70,8 +71,6 @@ __all__ = [
     "to_model_order",
 ]
 
-REPO = Path(__file__).resolve().parents[2]
-CATALOG = REPO / "catalogs" / "sentinel2.yaml"
 LABELS_FILE = Path(__file__).resolve().parent / "bigearthnet_labels.yaml"
 
 #: Band order of the official EuroSAT-MS GeoTIFFs: B01..B12 with B10, then B8A last
@@ -85,7 +84,7 @@ Array = NDArray[np.float32]
 @cache
 def model_bands() -> tuple[str, ...]:
     """The model's band order, from ``catalogs/sentinel2.yaml`` (12 bands, no B10)."""
-    return tuple(b["name"] for b in yaml.safe_load(CATALOG.read_text())["bands"])
+    return tuple(sensor().band_names)
 
 
 @cache

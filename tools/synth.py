@@ -1,6 +1,6 @@
 """Scale data: full-size Sentinel-2 L2A scenes as Earth-Search-style COGs, from real pixels.
 
-    python -m pipeline.synth --out /tmp/s2synth --scenes 4 --size 10980 --seed 0
+    python -m tools.synth --out /tmp/s2synth --scenes 4 --size 10980 --seed 0
 
 Each scene is one `sentinel-2-c1-l2a`-style STAC item in a static catalog
 (`catalog.json` -> `sentinel-2-c1-l2a/collection.json` -> `<item>/<item>.json`, relative
@@ -51,8 +51,8 @@ import rasterio.shutil
 from rasterio.io import MemoryFile
 from rasterio.transform import Affine
 
-from pipeline.catalogs import Band, sensor
-from pipeline.sample_catalog import COG_MEDIA_TYPE, collection_extent, write_static_catalog
+from pipeline.catalogs import CATALOG_DIR, Band, sensor
+from tools.sample_catalog import COG_MEDIA_TYPE, collection_extent, write_static_catalog
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,9 @@ OFFSET_DN = 1000  # baseline >= 04.00: DN = 10000 * reflectance + 1000
 PERTURBATION = 0.1  # per-tile multiplicative gain in [0.9, 1.1]
 PATCH_PX_10M = 120  # BigEarthNet patch edge at 10 m (1.2 km)
 FULL_SIZE = 10980  # 10 m pixels of a 109.8 km MGRS tile
-DEFAULT_PATCHES = Path(__file__).resolve().parent.parent / "tests" / "data" / "bigearthnet-s2-tiny"
+#: The embedded sample catalog's COGs: the same real BigEarthNet-S2 patches (original DN,
+#: <name>/<name>_<band>.tif), shipped with the package; nothing is read from tests/.
+DEFAULT_PATCHES = CATALOG_DIR / "sample" / "sentinel-2-l2a"
 
 EXTENSIONS = [
     "https://stac-extensions.github.io/eo/v1.1.0/schema.json",
@@ -444,7 +446,7 @@ def generate_scene(
         "s2:processing_baseline": PROCESSING_BASELINE,
         "s2:product_uri": f"S2{platform[-1].upper()}_MSIL2A_{when:%Y%m%dT%H%M%S}_N0510_R{tile.orbit:03d}_T{tile.name}_{when:%Y%m%dT%H%M%S}.SAFE",
         "sat:relative_orbit": tile.orbit,
-        "processing:software": {"pipeline.synth": "1"},
+        "processing:software": {"tools.synth": "1"},
         "synth:seed": seed,
         "synth:size": size,
         "synth:note": (
@@ -508,7 +510,7 @@ def generate_scenes(
         "stac_version": STAC_VERSION,
         "id": "spectralgpt-synth",
         "title": "Synthetic Sentinel-2 L2A scale-test scenes",
-        "description": "Scale-test scenes made by pipeline.synth from real BigEarthNet-S2 patches. Contains modified Copernicus Sentinel data.",
+        "description": "Scale-test scenes made by tools.synth from real BigEarthNet-S2 patches. Contains modified Copernicus Sentinel data.",
     }
     collection = {
         "type": "Collection",
@@ -525,7 +527,7 @@ def generate_scenes(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pipeline.synth", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tools.synth", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True, help="output folder (catalog.json goes there)")
     ap.add_argument("--scenes", type=int, default=1, help="number of scenes (default 1)")
     ap.add_argument("--size", type=int, default=FULL_SIZE, help="10 m pixels per side (default 10980, a full tile)")

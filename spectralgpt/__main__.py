@@ -1,0 +1,5 @@
+import sys
+
+from spectralgpt.cli import main
+
+sys.exit(main())
