@@ -226,10 +226,12 @@ class BuildConfig:
     def hash(self) -> str:
         """sha256 of the canonical JSON of everything that changes the dataset's content.
 
-        `output`, `workers` and `scheduler` change where and how fast, not what; a local
-        catalog file counts by its place relative to the dataset, not by how it was typed.
+        `output`, `workers` and `scheduler` change where and how fast, not what; nor does
+        where a static catalog file lies (the scene set has its own hash, `scenes_hash`).
         """
         d = self.recorded()
+        if is_catalog_file(self.catalog):
+            d["catalog"] = "static-file"
         for k in ("workers", "scheduler", *_RUN_KEYS):
             d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()

@@ -101,8 +101,8 @@ def open_catalog(cfg: BuildConfig) -> Iterator[ResolvedCatalog]:
         if not p.is_file():
             raise CatalogError(f"catalog file {name!r} not found")
         with stac_server.serve_static_catalog(p.resolve()) as url:
-            # recorded relative to the dataset: no local folder layout in manifests or samples
-            yield ResolvedCatalog(str(cfg.recorded_catalog()), url, cfg.collection or _static_collection(p), None)
+            # samples name a static catalog by its STAC id, not by where it lies on this machine
+            yield ResolvedCatalog(_static_label(p), url, cfg.collection or _static_collection(p), None)
         return
     src = get_source(name)
     if src.path is not None:
@@ -111,6 +111,18 @@ def open_catalog(cfg: BuildConfig) -> Iterator[ResolvedCatalog]:
         return
     assert src.url is not None
     yield ResolvedCatalog(name, src.url, cfg.collection or src.collection, src)
+
+
+def _static_label(path: Path) -> str:
+    """`static:<id>`: a static catalog as manifests and samples record it (its STAC id, the
+    same wherever the catalog and the dataset lie, so samples stay byte-identical)."""
+    import json
+
+    try:
+        ident = json.loads(path.read_text()).get("id")
+    except (OSError, ValueError, AttributeError):
+        ident = None
+    return f"static:{ident or path.name}"
 
 
 def _static_collection(path: Path) -> str:

@@ -25,10 +25,10 @@ def sizes() -> int:
 
 
 def sizes_main(argv: list[str] | None = None, prog: str = "python -m training sizes") -> int:
-    """``sizes`` takes no options."""
-    if argv:
-        print(f"error: {prog} takes no arguments", file=sys.stderr)
-        return 2
+    """``sizes`` takes no options (``--help`` only)."""
+    import argparse
+
+    argparse.ArgumentParser(prog=prog, description=sizes.__doc__).parse_args(argv)
     return sizes()
 
 
