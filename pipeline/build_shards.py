@@ -16,7 +16,6 @@ traceback printed).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -42,14 +41,18 @@ def parser(prog: str = "python -m pipeline.build_shards") -> argparse.ArgumentPa
     g.add_argument("--start", help="first date, ISO (inclusive)")
     g.add_argument("--end", help="last date, ISO (inclusive)")
     g.add_argument("--max-cloud", type=float, dest="max_cloud", help="max scene eo:cloud_cover in percent (default 30)")
-    g.add_argument("--max-items", type=int, dest="max_items", help="stop the search after this many items (default 1000)")
+    g.add_argument("--max-items", type=int, dest="max_items", help="an explicit cap on the items taken from the search (default: none, every page); "
+                   "when it cuts the search, the log and the manifest say so")
     o = p.add_argument_group("output")
     o.add_argument("--output", help="dataset directory (default: datasets/<aoi>)")
     o.add_argument("--config", help="YAML file with any of the keys of BuildConfig; flags override it")
     o.add_argument("--dry-run", action="store_true", help="print the scenes found and chips it would make; write nothing")
     o.add_argument("--overwrite", action="store_true", help="replace a finished dataset built with another config")
     o.add_argument("--workers", type=int, help="Dask threads of the local cluster (default: all cores)")
-    o.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")
+    o.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local "
+                   "cluster on 127.0.0.1); its workers need the package and the output location, not this disk")
+    o.add_argument("--dashboard", action="store_true", default=None,
+                   help="serve the local cluster's Dask dashboard on 127.0.0.1 and log its URL (default: none)")
     o.add_argument("--fail-fast", action="store_true", dest="fail_fast", default=None,
                    help="stop at the first scene that keeps failing (exit 5) instead of skipping it")
     o.add_argument("--wait", action="store_true", help="wait for another build/refresh of the same output instead of exiting 4")
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | No
             "output": args.output,
             "workers": args.workers,
             "scheduler": args.scheduler,
+            "dashboard": args.dashboard,
             "fail_fast": args.fail_fast,
         }
         cfg = load_config(args.config, overrides)
@@ -129,20 +133,16 @@ def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | No
 def _dataset_config(cfg, overrides):  # type: ignore[no-untyped-def]
     """A refresh without --config continues with the dataset's own settings (from its
     manifest), with the given flags on top, so it never re-tiles by accident."""
-    from pipeline import storage
     from pipeline.config import build_config, is_catalog_file
+    from pipeline.location import Location, is_url
 
     out = cfg.output_target
-    if storage.is_url(out):
-        man = storage.read_remote_manifest(out)
-    else:
-        p = cfg.output_path / "manifest.json"
-        man = json.loads(p.read_text()) if p.is_file() else None
-    if not man:
+    man = Location(out).read_json("manifest.json")
+    if not isinstance(man, dict) or not isinstance(man.get("config"), dict):
         return cfg
-    raw = {k: v for k, v in man["config"].items() if k not in ("output", "workers", "scheduler")}
+    raw = {k: v for k, v in man["config"].items() if k not in ("output", "workers", "scheduler", "dashboard")}
     recorded = raw.get("catalog")
-    if recorded and not storage.is_url(out) and is_catalog_file(recorded):
+    if recorded and not is_url(out) and is_catalog_file(recorded):
         # a local static catalog is recorded relative to the dataset folder (BuildConfig.recorded_catalog)
         raw["catalog"] = os.path.normpath(os.path.join(out, recorded))
     raw.update({k: v for k, v in overrides.items() if v is not None})

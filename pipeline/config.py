@@ -125,7 +125,7 @@ class BuildConfig:
     start: str | None = None  # ISO date, inclusive
     end: str | None = None  # ISO date, inclusive
     max_cloud: float = 30.0  # eo:cloud_cover percent, scene level
-    max_items: int = 1000
+    max_items: int | None = None  # an explicit cap on the items searched; None: every page
     output: str | None = None  # None = datasets/<aoi> (or datasets/bbox_<hash>)
     resampling: dict[str, str] = field(default_factory=lambda: {"20m": "bilinear", "60m": "bilinear"})
     cube_chunk: int = 1024  # zarr chunk edge (px) of the analysis-ready cube
@@ -139,8 +139,12 @@ class BuildConfig:
     retries: int = 3  # per grid, after GDAL's own HTTP retries; backoff 1 s, 2 s, 4 s ...
     retry_backoff_s: float = 1.0
     fail_fast: bool = False  # True: the first scene that keeps failing stops the run (exit 5)
-    workers: int | None = None  # Dask threads; None = all cores
-    scheduler: str | None = None  # address of an existing Dask scheduler; None = local
+    # small grids are packed into one unit of work (one task, one set of shards) up to this
+    # many pixel-dates; default one full MGRS tile-date (10980 x 10980)
+    pack_pixels: int = 10980 * 10980
+    workers: int | None = None  # threads of the local build (each unit's own work); None = all cores
+    scheduler: str | None = None  # address of an existing Dask scheduler; None = a LocalCluster on 127.0.0.1
+    dashboard: bool = False  # the LocalCluster's dashboard on 127.0.0.1 (its URL is logged); off by default
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_cloud", float(self.max_cloud))
@@ -154,8 +158,8 @@ class BuildConfig:
             raise ConfigError(f"--start {self.start} is after --end {self.end}")
         if not 0 <= self.max_cloud <= 100:
             raise ConfigError(f"max_cloud={self.max_cloud}: must be a percentage in [0, 100]")
-        if self.max_items < 1:
-            raise ConfigError("max_items must be >= 1")
+        if self.max_items is not None and self.max_items < 1:
+            raise ConfigError("max_items must be >= 1 (or absent: no cap)")
         for k, v in self.resampling.items():
             if k not in ("20m", "60m"):
                 raise ConfigError(f"resampling key {k!r}: use '20m' and '60m'")
@@ -176,6 +180,8 @@ class BuildConfig:
             raise ConfigError("retries must be >= 0")
         if self.cube_chunk < 64:
             raise ConfigError("cube_chunk must be >= 64")
+        if not isinstance(self.pack_pixels, int) or self.pack_pixels < 1:
+            raise ConfigError(f"pack_pixels={self.pack_pixels!r}: must be a positive number of pixel-dates")
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -252,7 +258,7 @@ def is_catalog_file(catalog: str | None) -> bool:
     return catalog.endswith(".json") or Path(catalog).exists()
 
 
-_RUN_KEYS = ("retries", "retry_backoff_s", "fail_fast", "sign", "token_url")  # how hard to try, not what is built
+_RUN_KEYS = ("retries", "retry_backoff_s", "fail_fast", "sign", "token_url", "dashboard")  # how, not what is built
 _SEARCH_KEYS = ("aoi", "bbox", "catalog", "collection", "start", "end", "max_cloud", "max_items")
 
 

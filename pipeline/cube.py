@@ -1,15 +1,21 @@
 """Lazy load of one grid's scenes into a harmonised, analysis-ready cube stored as zarr.
 
-A *unit* is the set of scenes that share one 10 m grid (same CRS, transform and shape:
+A *grid* is the set of scenes that share one 10 m grid (same CRS, transform and shape:
 one MGRS tile, or one sample patch). Its cube is
 
     dn  [time, band, y, x] uint16   harmonised DN (reflectance = dn / 10000, 0 = nodata)
     scl [time, y, x]       uint8    SCL classes resampled (nearest) to 10 m; 255 = no SCL
 
-in one zarr v3 store, georeferenced with rioxarray (CRS + transform travel with it), so
-re-tiling at another size, GSD or time window reads the zarr and never the COGs again.
-The load is lazy (native windowed reads on aligned grids, else odc-stac; both Dask) and
-the write streams chunk by chunk, so memory does not grow with the scene size.
+in one zarr v3 store with consolidated metadata, `time` (acquisition datetimes, UTC) and
+`band` (names) as coordinates, georeferenced with rioxarray (CRS + transform travel with
+it): `xarray.open_zarr(url)` gives an analysis-ready dataset. Re-tiling at another size,
+GSD or time window reads the zarr and never the COGs again. The load is lazy (native
+windowed reads on aligned grids, else odc-stac; both Dask) and the write streams chunk by
+chunk, so memory does not grow with the scene size.
+
+A cube is complete only when its marker `<grid>.zarr.complete` (content hash and chunk
+counts, beside the store) is there, written last; it is reused only when that marker matches and every chunk it
+counts is present (`cube_is_complete`): a missing chunk is rebuilt, never read as zeros.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from pipeline.catalogs import sensor
 from pipeline.config import BuildConfig
 from pipeline.errors import SceneError
 from pipeline.harmonise import apply_offsets
+from pipeline.location import Location
 from pipeline.search import Scene
 from pipeline.zarr_chunks import open_chunked
 
@@ -63,7 +70,7 @@ GDAL_CLOUD_ENV["GDAL_CACHEMAX"] = int(GDAL_CLOUD_ENV["GDAL_CACHEMAX"])  # raster
 
 
 @dataclass(frozen=True)
-class Unit:
+class Grid:
     """Scenes on one 10 m grid, in ascending (datetime, id) order."""
 
     id: str
@@ -86,7 +93,7 @@ class Unit:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
-def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, str]]]:
+def group_grids(scenes: Sequence[Scene]) -> tuple[list[Grid], list[tuple[Scene, str]]]:
     """Group scenes by grid. Same grid + same datetime = the same acquisition twice (a
     reprocessed item, or one scene in two collections): keep the newest processing baseline
     (the first in (datetime, id) order on a tie) and reject the other, so no location and
@@ -107,14 +114,14 @@ def group_units(scenes: Sequence[Scene]) -> tuple[list[Unit], list[tuple[Scene, 
         why = "superseded by a reprocessed item (newer baseline)" if new_pb != old_pb else "duplicate acquisition (same grid and datetime)"
         log.debug("%s: %s %s", drop.id, why, keep.id)
         dropped.append((drop, why))
-    units = []
+    grids = []
     for (epsg, shape, transform), slot in by_grid.items():
         ss = tuple(sorted(slot.values(), key=lambda s: (s.datetime, s.id)))
         h = hashlib.sha256(json.dumps([epsg, list(shape), list(transform)]).encode()).hexdigest()[:8]
         tile = ss[0].tile or f"EPSG{epsg}"
-        units.append(Unit(f"{tile}_{h}", epsg, ss[0].tile, shape, transform, ss))
-    units.sort(key=lambda u: u.id)
-    return units, dropped
+        grids.append(Grid(f"{tile}_{h}", epsg, ss[0].tile, shape, transform, ss))
+    grids.sort(key=lambda g: g.id)
+    return grids, dropped
 
 
 def clear_gdal_http_cache(url: str | None = None) -> None:
@@ -181,10 +188,10 @@ def check_scene_assets(scene: Scene, *, patch_url: Any = None, threads: int = 8,
         raise SceneError(scene.id, problems[0])
 
 
-def load_unit(
-    unit: Unit, cfg: BuildConfig, *, patch_url: Any = None, gdal_env: dict[str, Any] | None = None
+def load_grid(
+    grid: Grid, cfg: BuildConfig, *, patch_url: Any = None, gdal_env: dict[str, Any] | None = None
 ) -> xr.Dataset:
-    """Lazy Dask-backed harmonised cube of a unit (nothing is read until computed).
+    """Lazy Dask-backed harmonised cube of a grid (nothing is read until computed).
 
     `gdal_env`: GDAL options for the reads (default `GDAL_CLOUD_ENV`; a source's own
     settings, such as unsigned S3 access, go on top of it)."""
@@ -195,20 +202,20 @@ def load_unit(
     res = cfg.resampling_full
     resampling = {b.name: ("nearest" if b.gsd == 10 else res[f"{b.gsd}m"]) for b in s.bands}
     resampling["SCL"] = "nearest"  # classes must never be interpolated
-    with_scl = [sc.has_scl for sc in unit.scenes]
+    with_scl = [sc.has_scl for sc in grid.scenes]
     want = bands + (["SCL"] if any(with_scl) else [])
     ych, load_y = cube_row_chunks(cfg)
-    chunk = min(cfg.cube_chunk, max(unit.shape))
-    offsets = [sc.harmonisation.offset_dn for sc in unit.scenes]
-    chunks = (min(load_y, unit.shape[0]), chunk)
+    chunk = min(cfg.cube_chunk, max(grid.shape))
+    offsets = [sc.harmonisation.offset_dn for sc in grid.scenes]
+    chunks = (min(load_y, grid.shape[0]), chunk)
     env = dict(gdal_env or GDAL_CLOUD_ENV)
-    native = _native_load(unit, bands, any(with_scl), resampling, chunks, offsets, patch_url, env)
+    native = _native_load(grid, bands, any(with_scl), resampling, chunks, offsets, patch_url, env)
     if native is not None:
         dn, scl = native
     else:
-        ds = _odc_load(unit, want, resampling, chunks, patch_url, env)
-        if ds.sizes["time"] != len(unit.scenes):
-            raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time slices for {len(unit.scenes)} items of {unit.id}")
+        ds = _odc_load(grid, want, resampling, chunks, patch_url, env)
+        if ds.sizes["time"] != len(grid.scenes):
+            raise RuntimeError(f"odc-stac returned {ds.sizes['time']} time slices for {len(grid.scenes)} items of {grid.id}")
         dn = ds[bands].to_dataarray("band").transpose("time", "band", "y", "x")
         dn = apply_offsets(dn, xr.DataArray(np.array(offsets, dtype=np.int32), dims=["time"]))
         if "SCL" in ds:
@@ -216,31 +223,33 @@ def load_unit(
             scl = ds["SCL"].astype(np.uint8).where(has, SCL_MISSING).astype(np.uint8)
         else:
             scl = xr.full_like(dn.isel(band=0), SCL_MISSING, dtype=np.uint8)
-    order = [sc.id for sc in unit.scenes]
+    order = [sc.id for sc in grid.scenes]
     out = xr.Dataset({"dn": dn, "scl": scl})
-    # Band names and scene ids live in attrs: string coordinates have no stable zarr v3 encoding.
-    out = out.drop_vars([c for c in ("band",) if c in out.coords])
+    # time and band as coordinates for xarray users; band names as variable-length strings
+    # (zarr v3's "string" type; fixed-width unicode has no v3 specification yet)
+    times = np.array([np.datetime64(sc.datetime.replace("Z", "").replace("+00:00", ""), "ms") for sc in grid.scenes])
+    out = out.assign_coords(time=("time", times), band=("band", np.array(bands, dtype=object)))
     out.attrs.update(
         {
-            "unit": unit.id,
-            "tile": unit.tile,
-            "epsg": unit.epsg,
-            "grid_transform": list(unit.transform),
+            "grid": grid.id,
+            "tile": grid.tile,
+            "epsg": grid.epsg,
+            "grid_transform": list(grid.transform),
             "scene_ids": order,
-            "datetimes": [sc.datetime for sc in unit.scenes],
-            "harmonisation": [{"scene_id": sc.id, **sc.harmonisation.to_json()} for sc in unit.scenes],
+            "datetimes": [sc.datetime for sc in grid.scenes],
+            "harmonisation": [{"scene_id": sc.id, **sc.harmonisation.to_json()} for sc in grid.scenes],
             "has_scl": with_scl,
             "resampling": {"20m": res["20m"], "60m": res["60m"], "scl": "nearest"},
             "value_scale": s.scale,
             "nodata": s.nodata,
-            "cube_hash": unit.cube_hash(cfg),
+            "cube_hash": grid.cube_hash(cfg),
         }
     )
     return out
 
 
 def _native_load(
-    unit: Unit, bands: list[str], with_scl: bool, resampling: dict[str, str], chunks: tuple[int, int],
+    grid: Grid, bands: list[str], with_scl: bool, resampling: dict[str, str], chunks: tuple[int, int],
     offsets: list[int], patch_url: Any, env: dict[str, Any],
 ) -> tuple[xr.DataArray, xr.DataArray] | None:
     """The aligned-grid fast path (see `pipeline.native_read`): harmonised (dn, scl) arrays,
@@ -254,7 +263,7 @@ def _native_load(
         return None
     dn_reads: list[list[BandRead]] = []
     scl_reads: list[BandRead | None] = []
-    for sc in unit.scenes:
+    for sc in grid.scenes:
         reads: dict[str, BandRead | None] = {}
         for b in want:
             a = sc.item["assets"].get(b)
@@ -263,24 +272,24 @@ def _native_load(
                     reads[b] = None  # this date has no SCL: filled with SCL_MISSING
                     continue
                 return None
-            k = aligned_factor(a, unit.transform, unit.shape)
+            k = aligned_factor(a, grid.transform, grid.shape)
             if k is None:
                 return None
             reads[b] = BandRead(sc.hrefs[b], k, resampling[b], (int(a["proj:shape"][0]), int(a["proj:shape"][1])))
         dn_reads.append([r for b, r in reads.items() if b != "SCL"])  # type: ignore[misc]
         scl_reads.append(reads.get("SCL"))
-    dn, scl = cube_arrays(dn_reads, scl_reads, offsets, unit.shape, chunks, env, patch_url, SCL_MISSING)
-    a, _, c, _, e, f = unit.transform
-    coords = {"y": f + (np.arange(unit.shape[0]) + 0.5) * e, "x": c + (np.arange(unit.shape[1]) + 0.5) * a}
+    dn, scl = cube_arrays(dn_reads, scl_reads, offsets, grid.shape, chunks, env, patch_url, SCL_MISSING)
+    a, _, c, _, e, f = grid.transform
+    coords = {"y": f + (np.arange(grid.shape[0]) + 0.5) * e, "x": c + (np.arange(grid.shape[1]) + 0.5) * a}
     return (xr.DataArray(dn, dims=("time", "band", "y", "x"), coords=coords),
             xr.DataArray(scl, dims=("time", "y", "x"), coords=coords))
 
 
 def _odc_load(
-    unit: Unit, want: list[str], resampling: dict[str, str], chunks: tuple[int, int], patch_url: Any,
+    grid: Grid, want: list[str], resampling: dict[str, str], chunks: tuple[int, int], patch_url: Any,
     env: dict[str, Any],
 ) -> xr.Dataset:
-    """General path: odc-stac warps every band onto the unit's 10 m geobox."""
+    """General path: odc-stac warps every band onto the grid's 10 m geobox."""
     import odc.stac
 
     _configure_odc(env)
@@ -288,8 +297,8 @@ def _odc_load(
     from affine import Affine
     from odc.geo.geobox import GeoBox
 
-    geobox = GeoBox(unit.shape, Affine(*unit.transform), crs=f"EPSG:{unit.epsg}")
-    items = [pystac.Item.from_dict(sc.item, preserve_dict=True) for sc in unit.scenes]
+    geobox = GeoBox(grid.shape, Affine(*grid.transform), crs=f"EPSG:{grid.epsg}")
+    items = [pystac.Item.from_dict(sc.item, preserve_dict=True) for sc in grid.scenes]
     return odc.stac.load(
         items,
         bands=want,
@@ -323,30 +332,39 @@ def cube_row_chunks(cfg: BuildConfig) -> tuple[int, int]:
     return ych, load_y
 
 
-def cube_path(output: Path, unit: Unit, version: int = 1) -> Path:
-    """`<output>/cube/v<NNNN>/<unit>.zarr`: a refresh's new dates on a known grid get their own cube."""
-    return output / "cube" / f"v{version:04d}" / f"{unit.id}.zarr"
+def cube_rel(grid: Grid, version: int = 1) -> str:
+    """`cube/v<NNNN>/<grid>.zarr` inside the dataset: a refresh's new dates on a known grid get their own cube."""
+    return f"cube/v{version:04d}/{grid.id}.zarr"
 
 
-def existing_cube(path: Path, cube_hash: str) -> xr.Dataset | None:
-    """Open a finished cube if it holds exactly this content, else None."""
-    import xarray as xr
-
-    if not path.is_dir():
-        return None
-    try:
-        ds = xr.open_zarr(path, consolidated=False)
-    except Exception:  # a damaged store from an old crash: rebuild it
-        return None
-    if ds.attrs.get("cube_hash") != cube_hash:
-        return None
-    return ds
+COMPLETE = ".complete"  # `<store>.complete`, written last beside a cube: its content hash and chunk counts
 
 
-def write_cube(ds: xr.Dataset, path: Path, cfg: BuildConfig) -> xr.Dataset:
-    """Write the cube to zarr atomically (tmp dir + rename) and reopen it lazily."""
+def cube_is_complete(loc: Location, rel: str, cube_hash: str) -> bool:
+    """True when the cube at `rel` holds exactly this content and every chunk it counts is there."""
+    marker = loc.read_json(f"{rel}{COMPLETE}")
+    if not isinstance(marker, dict) or marker.get("cube_hash") != cube_hash:
+        return False
+    counts = marker.get("chunks") or {}
+    if not counts:
+        return False
+    for name, expected in counts.items():
+        present = [p for p in loc.list(f"{rel}/{name}/c") if not p.endswith((".tmp", ".partial"))]
+        if len(present) != int(expected):
+            log.warning("cube %s: %d of %d chunks of %r present: rebuilding it", rel, len(present), expected, name)
+            return False
+    return True
+
+
+def write_cube(ds: xr.Dataset, store: Path, cfg: BuildConfig, threads: int | None = None) -> dict[str, int]:
+    """Write the cube into the new local folder `store` (computed on `threads` local threads);
+    return the number of chunk files per array (what the `.complete` marker records).
+
+    Every chunk is written, fill values included, so a missing chunk file can only mean a
+    lost write, never "all nodata" (`cube_is_complete` relies on that)."""
+    import warnings
+
     import rioxarray  # noqa: F401  (registers the .rio accessor)
-    import xarray as xr
 
     ds = ds.rio.write_crs(f"EPSG:{ds.attrs['epsg']}")
     ds = ds.rio.write_transform(_affine(ds.attrs["grid_transform"]))
@@ -359,28 +377,49 @@ def write_cube(ds: xr.Dataset, path: Path, cfg: BuildConfig) -> xr.Dataset:
     # Blosc lz4 + byte shuffle: measured on a quarter scene (12 x 2745 x 2745 uint16), it
     # writes 7x and reads 2x faster than zarr's default zstd, and compresses better (1.63 vs 1.45)
     codec = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-    ds["dn"].encoding = {"chunks": (1, ds.sizes["band"], min(ych, ds.sizes["y"]), xch), "compressors": [codec]}
-    ds["scl"].encoding = {"chunks": (1, min(ych, ds.sizes["y"]), xch), "compressors": [codec]}
+    chunks = {"dn": (1, ds.sizes["band"], min(ych, ds.sizes["y"]), xch), "scl": (1, min(ych, ds.sizes["y"]), xch)}
+    ds["dn"].encoding = {"chunks": chunks["dn"], "compressors": [codec]}
+    ds["scl"].encoding = {"chunks": chunks["scl"], "compressors": [codec]}
+    ds["time"].encoding = {"units": "milliseconds since 1970-01-01", "dtype": "int64"}
     ds["dn"].attrs.update({"long_name": "harmonised DN (reflectance = dn * 1e-4)", "_FillValue_note": "0 = nodata"})
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # write_empty_chunks: skip zarr's per-chunk "all fill value?" scan (9% of build time, measured)
-    pending = ds.to_zarr(tmp, mode="w", zarr_format=3, consolidated=False, compute=False, write_empty_chunks=True)
+    if store.exists():
+        shutil.rmtree(store)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # zarr notes that consolidated metadata is not (yet) in the v3 specification; xarray
+        # reads it, and without it every `open_zarr` warns and lists the store
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        # write_empty_chunks: every chunk is written (no "all fill value?" scan: 9% of build time)
+        pending = ds.to_zarr(store, mode="w", zarr_format=3, consolidated=True, compute=False, write_empty_chunks=True)
+    scheduler = {"scheduler": "threads", "num_workers": threads} if threads else {"scheduler": "threads"}
     # zarr has written the metadata and coordinates; the chunks of dn and scl go through
     # `zarr_chunks` (the same bytes, ~25 % less CPU: no async machinery, no page-cache copies)
-    targets = [open_chunked(tmp / name) for name in ("dn", "scl")]
+    targets = [open_chunked(store / name) for name in ("dn", "scl")]
     if all(targets):
         import dask.array as da
 
-        da.store([ds["dn"].data, ds["scl"].data], targets, lock=False)
+        da.store([ds["dn"].data, ds["scl"].data], targets, lock=False, **scheduler)
     else:
-        pending.compute()
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-    return xr.open_zarr(path, consolidated=False)
+        pending.compute(**scheduler)
+    counts = {}
+    for name, ch in chunks.items():
+        shape = ds[name].shape
+        counts[name] = int(np.prod([-(-n // c) for n, c in zip(shape, ch)]))
+    return counts
+
+
+def publish_cube(loc: Location, rel: str, store: Path, cube_hash: str, counts: dict[str, int]) -> None:
+    """Move (local) or upload (remote) the finished `store` to `rel`, then write its marker last."""
+    loc.remove(f"{rel}{COMPLETE}")  # an older cube's marker goes first: never a marker over a half-replaced store
+    loc.put_tree(store, rel)
+    loc.write_json(f"{rel}{COMPLETE}", {"cube_hash": cube_hash, "chunks": counts})
+
+
+def open_cube(url: str) -> xr.Dataset:
+    """A finished cube, lazily (Dask-backed), from a local path or a URL."""
+    import xarray as xr
+
+    return xr.open_zarr(url, consolidated=True)
 
 
 def _affine(t: Sequence[float]) -> Any:

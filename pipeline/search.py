@@ -65,6 +65,9 @@ class SearchResult:
     rejected: Counter[str]
     catalog: str
     collection: str
+    max_items: int | None = None  # the explicit cap, if any
+    capped: bool = False  # the search stopped at max_items with more items left
+    matched: int | None = None  # numberMatched, when the API says it
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,8 @@ def search(cfg: BuildConfig, cat: ResolvedCatalog) -> SearchResult:
         collections=[c.strip() for c in cat.collection.split(",") if c.strip()],
         bbox=list(aoi_shape.bounds),
         datetime=_datetime_range(cfg),
-        max_items=cfg.max_items,
-        limit=min(cfg.max_items, 500),
+        max_items=cfg.max_items,  # None: every page (a Europe-scale search is never cut silently)
+        limit=min(cfg.max_items or 500, 500),
     )
     if cfg.max_cloud < 100 and client.conforms_to("FILTER"):
         # Server-side cloud filter saves transfer on live APIs; the same test runs client-side below.
@@ -185,8 +188,10 @@ def search(cfg: BuildConfig, cat: ResolvedCatalog) -> SearchResult:
     rejected: Counter[str] = Counter()
     scenes: dict[str, Scene] = {}
     found = 0
+    matched: int | None = None
     try:
-        for item in client.search(**kwargs).items_as_dicts():
+        item_search = client.search(**kwargs)
+        for item in item_search.items_as_dicts():
             found += 1
             scene, reason = normalise_item(item, cfg, aoi_shape, cat)
             if scene is None:
@@ -196,12 +201,19 @@ def search(cfg: BuildConfig, cat: ResolvedCatalog) -> SearchResult:
                 rejected["duplicate item id"] += 1  # PC pages can repeat items (PlanetaryComputer#163)
             else:
                 scenes[scene.id] = scene
+        capped = cfg.max_items is not None and found >= cfg.max_items
+        if capped:
+            with contextlib.suppress(Exception):  # numberMatched is optional in STAC API
+                matched = item_search.matched()
     except APIError as e:
         raise CatalogError(f"STAC search on {cat.label!r} failed: {_one_line(e)}") from None
     except OSError as e:
         raise CatalogError(f"STAC search on {cat.label!r} failed: {_one_line(e)}") from None
+    if capped:
+        log.warning("search stopped at --max-items %d: %d items taken of %s matched; raise or drop --max-items to "
+                    "take every item", cfg.max_items, found, matched if matched is not None else "more")
     ordered = sorted(scenes.values(), key=lambda s: (s.datetime, s.id))
-    return SearchResult(ordered, found, rejected, cat.label, cat.collection)
+    return SearchResult(ordered, found, rejected, cat.label, cat.collection, cfg.max_items, capped, matched)
 
 
 def _one_line(e: BaseException) -> str:

@@ -1,7 +1,8 @@
-"""WebDataset shard writing with size caps, atomic publication and exact resume; stats.
+"""WebDataset shard writing with size caps and atomic publication; stats.
 
-A shard is written as `<name>.tar.tmp`, fsynced, then renamed: a file under its final
-name is always complete. Tar members are deterministic (fixed mtime, owner and mode), so
+A shard is written to a temporary file (beside the target for a local dataset, in the
+worker's scratch folder for a remote one), fsynced, then renamed or uploaded in one piece
+(`pipeline.location`): a file under its final name is always complete. Tar members are deterministic (fixed mtime, owner and mode), so
 the same samples give byte-identical shards, which is what makes a resumed run equal an
 uninterrupted one.
 
@@ -18,11 +19,14 @@ import io
 import json
 import os
 import tarfile
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from pipeline.location import Location
 
 N_BINS = 65536
 PERCENTILES = (1, 2, 50, 98, 99)
@@ -237,13 +241,15 @@ class DirectFile:
 
 @dataclass
 class ShardWriter:
-    """Writes `<root>/<prefix>-NNNNNN.tar` shards, closing one at `max_bytes` or `max_samples`.
+    """Writes `<rel_dir>/<prefix>-NNNNNN.tar` shards into the dataset at `root` (a local
+    folder or a `Location`, which may be remote), closing one at `max_bytes` or `max_samples`.
 
-    `on_close(record, hist)` is called after each shard is renamed to its final name, with
-    the shard's band histogram when `with_hist` (used for train statistics).
+    `on_close(record, hist)` is called after each shard appears under its final name, with
+    the shard's band histogram when `with_hist` (used for train statistics). `scratch`: the
+    local folder remote shards are written in before their upload.
     """
 
-    root: Path
+    root: Location | Path
     rel_dir: str
     prefix: str
     max_bytes: int
@@ -251,18 +257,36 @@ class ShardWriter:
     index: int = 0
     with_hist: bool = False
     on_close: Any = None
+    scratch: Path | None = None
     _raw: Any = field(default=None, repr=False)
     _hf: _HashingFile | None = field(default=None, repr=False)
+    _tmp: Path | None = field(default=None, repr=False)
     _count: int = 0
     _hist: np.ndarray | None = field(default=None, repr=False)
 
-    def _final(self, i: int) -> Path:
-        return self.root / self.rel_dir / f"{self.prefix}-{i:06d}.tar"
+    def __post_init__(self) -> None:
+        if not isinstance(self.root, Location):
+            self.root = Location(str(self.root))
+
+    @property
+    def loc(self) -> Location:
+        assert isinstance(self.root, Location)
+        return self.root
+
+    def _rel(self, i: int) -> str:
+        return f"{self.rel_dir}/{self.prefix}-{i:06d}.tar"
 
     def _open(self) -> None:
-        final = self._final(self.index)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        self._raw = DirectFile.open(final.with_name(final.name + ".tmp"))
+        rel = self._rel(self.index)
+        if self.loc.remote:
+            base = self.scratch if self.scratch is not None else Path(tempfile.gettempdir())
+            tmp = base / "shards" / rel
+        else:
+            final = self.loc.local_root / rel
+            tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = tmp
+        self._raw = DirectFile.open(tmp)
         self._hf = _HashingFile(self._raw)
         self._count = 0
         self._hist = None
@@ -315,9 +339,11 @@ class ShardWriter:
         self._raw.flush()
         os.fsync(self._raw.fileno())
         self._raw.close()
-        final = self._final(self.index)
-        os.replace(final.with_name(final.name + ".tmp"), final)
-        rec = ShardRecord(f"{self.rel_dir}/{final.name}", self._count, self._hf.n, self._hf.h.hexdigest())
+        rel = self._rel(self.index)
+        assert self._tmp is not None
+        self.loc.publish(self._tmp, rel)  # rename (local) or one upload (remote): complete or absent
+        self._tmp = None
+        rec = ShardRecord(rel, self._count, self._hf.n, self._hf.h.hexdigest())
         hist = self._hist
         self._hf = None
         self.index += 1
@@ -330,8 +356,9 @@ class ShardWriter:
         if self._hf is None:
             return
         self._raw.close()
-        final = self._final(self.index)
-        final.with_name(final.name + ".tmp").unlink(missing_ok=True)
+        if self._tmp is not None:
+            self._tmp.unlink(missing_ok=True)
+            self._tmp = None
         self._hf = None
 
 

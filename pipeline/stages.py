@@ -1,29 +1,32 @@
-"""The build, as thin wiring over the stage modules (search, cube, tiling, shards).
+"""The build: the client plans and publishes, the Dask workers do the work.
 
-    search -> group by grid -> [per unit] lazy load + harmonise -> zarr cube
-           -> [per dataset] tile + quality + split -> shards (+ train histograms)
-           -> statistics -> manifest.json (last, atomic)
+    client:  search -> group scenes by grid -> plan units -> pre-flight on the workers
+             -> submit one task per unit (bounded window) -> collect small records
+             -> statistics from the units' histograms -> manifest.json (last, atomic)
+    worker:  `units.run_unit`: COGs by URL -> cubes and shards written to the output
+             location -> a completion record there -> a small record back
 
-Resume: `<output>/_work/` holds the state. A unit whose cube exists with the same content
-hash is not loaded again. Shard writing checkpoints after every closed shard: the writer
-restarts at the beginning of the unit that holds the earliest open shard's first sample,
-re-generates samples (deterministic) and skips those already in closed shards, so a run
-killed at any moment finishes with exactly the dataset an uninterrupted run makes.
+The same code runs on a `LocalCluster` (the default: one in-process worker on 127.0.0.1,
+each unit using all cores) and on any existing cluster (`--scheduler`). The client stages
+nothing and shares no disk with the workers: it reads records, never shards.
+
+Resume: every finished unit leaves `_work/v<N>/units/<unit>.json` in the output; a run
+killed at any moment is started again and submits only the units without a record. A
+unit is idempotent, so a re-run one rewrites the same bytes under the same names.
 """
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import contextlib
 import datetime as dt
 import hashlib
+import io
 import json
 import logging
 import os
-import re
-import shutil
 import threading
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,23 +37,25 @@ import numpy as np
 from tqdm import tqdm
 
 from pipeline import __version__
-from pipeline.catalogs import sensor
-from pipeline.config import BuildConfig, TilingSpec
-from pipeline.catalogs import Source
-from pipeline.cube import GDAL_CLOUD_ENV, Unit, check_scene_assets, clear_gdal_http_cache, cube_path, existing_cube, group_units, load_unit, write_cube
-from pipeline import storage
-from pipeline.errors import NoScenesFound, OutputError, SceneError, ScenesFailed
+from pipeline.catalogs import Source, sensor
+from pipeline.config import BuildConfig
+from pipeline.contract import FORMAT_ID
+from pipeline.cube import GDAL_CLOUD_ENV, Grid, group_grids
+from pipeline.errors import NoScenesFound, OutputError, ScenesFailed
+from pipeline.location import Location, is_url
 from pipeline.locking import dataset_lock
 from pipeline.search import SearchResult, open_catalog, search
+from pipeline.shards import N_BINS, stats_from_histogram
 from pipeline.signing import make_patch_url
-from pipeline.storage import is_url, staging_dir
-from pipeline.shards import N_BINS, load_hist, save_hist, ShardRecord, ShardWriter, stats_from_histogram, write_json_atomic
-from pipeline.tiling import Chip, Dropped, iter_chips, positions, small_scene_shape
+from pipeline import storage
+from pipeline.tiling import positions, small_scene_shape
+from pipeline.units import (
+    SHARD_NAME, SPLITS, UnitJob, UnitRecord, WorkUnit, load_record, plan_units, probe_worker, record_rel, run_unit,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT = "spectralgpt-shards/1"
-SPLITS = ("train", "val")
+FORMAT = FORMAT_ID
 
 
 @dataclass
@@ -70,7 +75,7 @@ class BuildSummary:
     nothing_new: bool = False
     failed: dict[str, str] = field(default_factory=dict)  # scene id -> reason
     version: int = 0
-    bytes_published: int = 0
+    units: int = 0  # units this run submitted (resumed units excluded)
     t0: float = field(default_factory=time.monotonic)
 
 
@@ -78,7 +83,7 @@ class BuildSummary:
 
 
 def check_output(cfg: BuildConfig, overwrite: bool) -> Path:
-    """Validate the output location before any work; writes nothing."""
+    """Validate a local output location before any work; writes nothing."""
     out = cfg.output_path
     probe = out
     while not probe.exists():
@@ -96,51 +101,9 @@ def check_output(cfg: BuildConfig, overwrite: bool) -> Path:
     return out
 
 
-def existing_manifest(out: Path) -> dict[str, Any] | None:
-    p = out / "manifest.json"
-    if not p.is_file():
-        return None
-    try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
-        return None
-
-
-# -- state ---------------------------------------------------------------------------
-
-
-class WorkState:
-    """`_work/state.json`: config and scene-set identity of the unfinished build, and the
-    per-dataset shard-writer checkpoints."""
-
-    def __init__(self, out: Path) -> None:
-        self.dir = out / "_work"
-        self.path = self.dir / "state.json"
-        self.data: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self.lock = threading.RLock()  # held while mutating `data` or saving it
-
-    def matches(self, config_hash: str, scenes_hash: str, version: int) -> bool:
-        d = self.data
-        return d.get("config_hash") == config_hash and d.get("scenes_hash") == scenes_hash and d.get("version") == version
-
-    def reset(self, config_hash: str, scenes_hash: str, version: int) -> None:
-        if self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.dir.mkdir(parents=True)
-        self.data = {"config_hash": config_hash, "scenes_hash": scenes_hash, "version": version, "datasets": {}}
-        self.save()
-
-    def save(self) -> None:
-        with self.lock:  # datasets are written by concurrent threads
-            write_json_atomic(self.path, json.loads(json.dumps(self.data)))
-
-    def hist_path(self, shard_path: str) -> Path:
-        return self.dir / "hist" / f"{shard_path.replace('/', '__')}.npz"
-
-
-def scenes_hash(units: list[Unit] | None = None, ids: list[str] | None = None) -> str:
+def scenes_hash(grids: list[Grid] | None = None, ids: list[str] | None = None) -> str:
     """Identity of a set of used scenes (sorted ids)."""
-    all_ids = sorted(ids if ids is not None else [s.id for u in units or [] for s in u.scenes])
+    all_ids = sorted(ids if ids is not None else [s.id for g in grids or [] for s in g.scenes])
     return hashlib.sha256(json.dumps(all_ids).encode()).hexdigest()
 
 
@@ -160,9 +123,9 @@ def build(
     remote = is_url(target)
     if remote:
         storage.check_remote(target)
-        out = staging_dir(target)
     else:
-        out = check_output(cfg, overwrite)
+        check_output(cfg, overwrite)
+    loc = Location(target)
     summary = BuildSummary(output=target if remote else Path(target), dry_run=dry_run)
     if not dry_run:
         _warm_imports()
@@ -177,27 +140,25 @@ def build(
             f"no usable Sentinel-2 L2A scenes in {result.catalog!r} for this AOI/dates ({result.found} found: {reasons}); "
             "widen --start/--end, --bbox/--aoi or --max-cloud"
         )
-    all_units, dup = group_units(result.scenes)
+    grids, dup = group_grids(result.scenes)
     for _, reason in dup:
         summary.rejected[reason] += 1
-    summary.used = sum(len(u.scenes) for u in all_units)
+    summary.used = sum(len(g.scenes) for g in grids)
     log.info(
         "search: %d items found, %d scenes used on %d grids, %d rejected%s",
-        result.found, summary.used, len(all_units), sum(summary.rejected.values()),
+        result.found, summary.used, len(grids), sum(summary.rejected.values()),
         "".join(f"; {n} {r}" for r, n in summary.rejected.most_common()),
     )
     if dry_run:
-        _dry_run_report(cfg, all_units, summary)
+        _dry_run_report(cfg, grids, summary)
         summary.seconds = time.monotonic() - summary.t0
         return summary
     if cfg.scheduler:
         _check_scheduler(cfg.scheduler)  # before anything is written
-    with dataset_lock(out, wait=wait):
-        if remote:
-            storage.pull_state(target, out)  # a refresh on a new machine starts from the published version
-        _build_locked(cfg, out, result, all_units, src, summary, overwrite=overwrite, refresh=refresh)
-        if remote and storage.needs_publish(target, out):
-            summary.bytes_published = storage.publish(out, target)
+    # the lock lives beside a local dataset; for a URL, in this machine's cache (one client per dataset)
+    lock_dir = storage.lock_dir(target) if remote else loc.local_root
+    with dataset_lock(lock_dir, wait=wait):
+        _build_locked(cfg, loc, result, grids, src, summary, overwrite=overwrite, refresh=refresh)
     summary.seconds = time.monotonic() - summary.t0
     return summary
 
@@ -228,224 +189,270 @@ def _warm_imports() -> None:
 
 
 def _build_locked(
-    cfg: BuildConfig, out: Path, result: SearchResult, all_units: list[Unit], src: Source | None,
+    cfg: BuildConfig, loc: Location, result: SearchResult, all_grids: list[Grid], src: Source | None,
     summary: BuildSummary, *, overwrite: bool, refresh: bool,
 ) -> None:
     config_hash = cfg.hash()
-    layout = cfg.layout_hash()
-    man = existing_manifest(out)
+    man = loc.read_json("manifest.json")
     if refresh and man is not None:
-        if man.get("layout_hash") != layout:
+        if man.get("layout_hash") != cfg.layout_hash():
             raise OutputError(
-                f"{str(out)!r} was built with other tiling/quality/split/shard settings; a refresh must use the "
+                f"{loc.target!r} was built with other tiling/quality/split/shard settings; a refresh must use the "
                 "dataset's settings (omit them, or pass the same --config), or rebuild with build_shards --overwrite"
             )
         known = {it["id"]: it.get("processing_baseline") for it in man.get("items", []) if it.get("used")}
         new = [
-            sc for u in all_units for sc in u.scenes
+            sc for g in all_grids for sc in g.scenes
             if sc.id not in known or known[sc.id] != sc.harmonisation.processing_baseline
         ]
         if not new:
             log.info("refresh: nothing new in %r since version %d", result.catalog, man.get("latest_version", 1))
             summary.nothing_new = True
             summary.chips = man.get("summary", {}).get("chips", {})
-            shutil.rmtree(out / "_work", ignore_errors=True)
+            loc.remove_tree("_work")
             return
-        units, _ = group_units(new)
+        grids, _ = group_grids(new)
         version = int(man.get("latest_version", 1)) + 1
         log.info("refresh: %d new or reprocessed scenes -> version %d", len(new), version)
     else:
-        s_hash = scenes_hash(all_units)
+        s_hash = scenes_hash(all_grids)
         if man is not None:
             if man.get("config_hash") == config_hash and man.get("scenes_hash") == s_hash and not overwrite:
-                log.info("%s is up to date (same config and scenes): nothing to do", out / "manifest.json")
-                shutil.rmtree(out / "_work", ignore_errors=True)  # killed after publishing, before clean-up
+                log.info("%s is up to date (same config and scenes): nothing to do", loc.url("manifest.json"))
+                loc.remove_tree("_work")  # killed after publishing, before clean-up
                 summary.up_to_date = True
                 summary.chips = man.get("summary", {}).get("chips", {})
                 return
             if not overwrite:
                 raise OutputError(
-                    f"{str(out)!r} holds a dataset built with another config or scene set; "
+                    f"{loc.target!r} holds a dataset built with another config or scene set; "
                     "pass --overwrite to rebuild it (cubes are reused), use pipeline.refresh to add new scenes, "
                     "or choose another --output"
                 )
-        units, version = all_units, 1
-    s_hash = scenes_hash(units)
-    out.mkdir(parents=True, exist_ok=True)
-    state = WorkState(out)
-    if not state.matches(config_hash, s_hash, version):
-        if state.data:
-            log.info("discarding an unfinished build with another config/scene set in %s", state.dir)
-        state.reset(config_hash, s_hash, version)
-    else:
-        log.info("resuming the unfinished build in %s", state.dir)
-    if man is not None and not refresh:  # --overwrite: the old manifest must not describe new shards
-        (out / "manifest.json").unlink(missing_ok=True)
-        for spec_dir in man.get("datasets", {}):
-            shutil.rmtree(out / spec_dir, ignore_errors=True)
-        shutil.rmtree(out / "stats", ignore_errors=True)
-        for old in (out / "cube").glob("v*"):
-            if old.name != _vdir(1):
-                shutil.rmtree(old, ignore_errors=True)
-        man = None
+        grids, version = all_grids, 1
+    s_hash = scenes_hash(grids)
+    units = plan_units(grids, cfg.pack_pixels)
+    tag = config_hash[:8]
+    state = {"config_hash": config_hash, "scenes_hash": s_hash, "version": version}
+    if loc.read_json("_work/state.json") != state:
+        if loc.exists("_work"):
+            log.info("discarding an unfinished build with another config/scene set in %s", loc.url("_work"))
+        loc.remove_tree("_work")
+        loc.write_json("_work/state.json", state)
+    done = {u.id: rec for u in units if (rec := load_record(loc, version, u.id)) is not None}
+    todo = [u for u in units if u.id not in done]
+    log.info("units: %d planned (%d grids), %d finished by an earlier run, %d to run",
+             len(units), len(grids), len(done), len(todo))
 
     source = {"catalog": result.catalog, "collection": result.collection}
-    if cfg.sign:
-        patch_url = make_patch_url(cfg.sign, cfg.token_url)
-    else:
-        patch_url = make_patch_url(src.sign, src.token_url) if src else None
-    failed: dict[str, str] = state.data.setdefault("failed", {})  # unit id -> reason, kept across resumes
-    t_cubes = time.monotonic()
+    sign, token_url = (cfg.sign, cfg.token_url) if cfg.sign else ((src.sign, src.token_url) if src else ("none", None))
+    patch_url = make_patch_url(sign or "none", token_url)
     gdal_env = {**GDAL_CLOUD_ENV, **(src.gdal_env if src else {})}
-    with _dask_client(cfg):
-        _clear_http_caches()  # a long-lived process must not answer from an earlier build's cache
-        for u in tqdm(units, desc="cubes", unit="grid", disable=None):
-            if u.id in failed:
-                continue  # decided in an earlier attempt of this build: keep the enumeration stable
-            path = cube_path(out, u, version)
-            if existing_cube(path, u.cube_hash(cfg)) is not None:
-                continue
-            reason = _cube_with_retry(u, cfg, path, patch_url, gdal_env)
-            _clear_http_caches()
-            if reason:
-                failed[u.id] = reason
-                state.save()
-                log.warning("skipping %s (%d scene(s)): %s", u.id, len(u.scenes), reason)
-                if cfg.fail_fast:
-                    raise ScenesFailed(f"{u.scenes[0].id}: {reason} (--fail-fast; run again without it to skip and go on)")
-    _remove_stale_cubes(out, units, version)
-    log.info("cubes: %d grid(s) in %.1f s", len(units), time.monotonic() - t_cubes)
-    summary.failed = {sc.id: failed[u.id] for u in units if u.id in failed for sc in u.scenes}
-    units = [u for u in units if u.id not in failed]
+    jobs = [UnitJob(u, cfg, loc.target, version, tag, source, patch_url, gdal_env,
+                    threads=(cfg.workers or os.cpu_count() or 1) if not cfg.scheduler else None) for u in todo]
+    t_units = time.monotonic()
+    records = dict(done)
+    if jobs:
+        with _dask_client(cfg) as client:
+            _preflight(client, loc, _first_input(loc, todo, version), patch_url, gdal_env)
+            records.update(_run_units(client, jobs, cfg.fail_fast))
+    summary.units = len(jobs)
+    log.info("units: %d run in %.1f s", len(jobs), time.monotonic() - t_units)
 
-    # One thread per dataset: cube decoding, quality masks, histograms and sha256 release the
-    # GIL, so the passes over the cubes overlap on the cores (each dataset's order is unchanged).
-    t_tiles = time.monotonic()
-    with cf.ThreadPoolExecutor(max_workers=max(1, min(len(cfg.tiling), cfg.workers or os.cpu_count() or 1))) as ex:
-        futures = {spec.name: ex.submit(_write_dataset, out, spec, cfg, units, state, summary, source, version)
-                   for spec in cfg.tiling}
-        added: dict[str, Any] = {name: f.result() for name, f in futures.items()}
-    log.info("tiles and shards: %d dataset(s) in %.1f s", len(added), time.monotonic() - t_tiles)
-    summary.bytes = sum(sh["bytes"] for d in added.values() for sp in d["splits"].values() for sh in sp["shards"])
-    manifest = _manifest(cfg, man if refresh else None, version, s_hash, result, units, added, summary, out)
-    if not units:
+    failed_grids = {g: r for rec in records.values() for g, r in rec.failed.items()}
+    ok = [g for g in grids if g.id not in failed_grids]
+    summary.failed = {sc.id: failed_grids[g.id] for g in grids if g.id in failed_grids for sc in g.scenes}
+    if not ok:
         raise ScenesFailed(f"every scene failed ({len(summary.failed)}); nothing published; first: "
                            + next(iter(summary.failed.values()), "?"))
-    write_json_atomic(out / "manifest.json", manifest)
-    shutil.rmtree(state.dir, ignore_errors=True)
+    added = _merge_records(cfg, [records[u.id] for u in units], loc, version, summary)
+    _remove_stale_cubes(loc, ok, version)
+    manifest = _manifest(cfg, man if refresh else None, version, s_hash, result, ok, added, summary, loc)
+    loc.write_json("manifest.json", manifest)  # the commit point: readers see the old or the new dataset
+    replaced = man if overwrite and not refresh else None
+    _remove_unlisted_shards(loc, manifest, version, old=replaced)
+    for v in range(2, int((replaced or {}).get("latest_version", 1)) + 1):  # the replaced dataset's later versions
+        loc.remove_tree(f"cube/v{v:04d}")
+        for spec in (replaced or {}).get("datasets", {}):
+            loc.remove(f"stats/{spec}-v{v:04d}.npz")
+    loc.remove_tree("_work")
     summary.version = version
 
 
-def _cube_with_retry(u: Unit, cfg: BuildConfig, path: Path, patch_url: Any, gdal_env: dict[str, Any]) -> str:
-    """Build one grid's cube, retrying transient failures with exponential backoff.
+def _merge_records(cfg: BuildConfig, records: list[UnitRecord], loc: Location, version: int,
+                   summary: BuildSummary) -> dict[str, Any]:
+    """The datasets of this version from the unit records (in unit order): shards, counts,
+    dropped reasons, and each dataset's train histogram (saved as `stats/<name>-v<N>.npz`)."""
+    n_bands = len(sensor().band_names)
+    added: dict[str, Any] = {}
+    for spec in cfg.tiling:
+        splits = {sp: {"num_samples": 0, "shards": []} for sp in SPLITS}
+        dropped: Counter[str] = Counter()
+        hist = np.zeros((n_bands, N_BINS), dtype=np.int64)
+        for rec in records:
+            d = rec.datasets.get(spec.name)
+            if d is None:
+                continue
+            for sp in SPLITS:
+                splits[sp]["shards"] += d["splits"][sp]["shards"]
+                splits[sp]["num_samples"] += d["splits"][sp]["num_samples"]
+            dropped.update(d.get("dropped", {}))
+            hist += rec.dense_hist(spec.name, n_bands)
+        # this version's train histogram is kept: statistics of any version = sum of versions <= it
+        _save_hist(loc, f"stats/{spec.name}-v{version:04d}.npz", hist)
+        summary.dropped[spec.name] = dict(dropped)
+        summary.chips[spec.name] = {sp: splits[sp]["num_samples"] for sp in SPLITS}
+        n = len(sensor().band_names)
+        shape = [n, spec.size, spec.size] if spec.time_steps == 1 else [spec.time_steps, n, spec.size, spec.size]
+        added[spec.name] = {
+            "chip_size": spec.size, "gsd": spec.gsd, "time_steps": spec.time_steps, "overlap": spec.overlap,
+            "layout": "CHW" if spec.time_steps == 1 else "TCHW", "shape": shape,
+            "splits": splits, "dropped": dict(dropped),
+        }
+    summary.bytes = sum(sh["bytes"] for d in added.values() for sp in d["splits"].values() for sh in sp["shards"])
+    return added
 
-    Returns '' on success, else the reason the grid's scenes are skipped. Contradictory
-    metadata (`SceneError`) is not retried: it will not heal.
-    """
-    last: BaseException | None = None
-    for attempt in range(cfg.retries + 1):
-        try:
-            for sc in u.scenes:
-                check_scene_assets(sc, patch_url=patch_url, gdal_env=gdal_env)
-            write_cube(load_unit(u, cfg, patch_url=patch_url, gdal_env=gdal_env), path, cfg)
-            return ""
-        except SceneError as e:
-            return e.reason
-        except Exception as e:  # HTTP errors, resets, truncated files: GDAL/odc-stac raise many types
-            last = e
-            signer = getattr(patch_url, "__self__", None)
-            if signer is not None:
-                # an expired or revoked signature (HTTP 403) often reaches us wrapped by Dask as a
-                # bare "read failed": sign again before every retry, it costs one token request
-                signer.token(force=True)
-            _clear_http_caches()
-            if attempt < cfg.retries:
-                delay = cfg.retry_backoff_s * 2**attempt
-                log.info("%s: attempt %d failed (%s); retrying in %.1f s", u.id, attempt + 1, _short(e), delay)
-                time.sleep(delay)
-    return f"read failed after {cfg.retries + 1} attempts: {_short(last)}"
+
+def _save_hist(loc: Location, rel: str, hist: np.ndarray) -> None:
+    """A [C, 65536] histogram, stored sparsely (a few thousand non-zero bins; 6 MB dense)."""
+    nz = np.nonzero(hist)
+    buf = io.BytesIO()
+    np.savez(buf, shape=np.array(hist.shape), band=nz[0].astype(np.int16), value=nz[1].astype(np.uint16), count=hist[nz])
+    loc.write_bytes(rel, buf.getvalue())
 
 
-def _clear_http_caches() -> None:
-    """Close cached COG handles and clear GDAL's HTTP cache, here and on every Dask worker
-    (before a retry, and after each grid so memory does not grow with the scene count)."""
-    from pipeline.native_read import close_all
-
-    def clear() -> None:
-        close_all()
-        clear_gdal_http_cache()
-        trim_heap()
-
-    clear()
+def _load_hist(loc: Location, rel: str) -> np.ndarray | None:
     try:
-        from distributed import get_client
-
-        get_client().run(clear)
-    except (ValueError, OSError):  # no client, or workers in this process already cleared
-        pass
-
-
-def trim_heap() -> None:
-    """Hand freed heap memory back to the OS (glibc `malloc_trim`).
-
-    A grid's blocks (~28 MB each) fall under glibc's adaptive mmap threshold once one has
-    been freed, so they come from per-thread arenas that keep the pages after `free`;
-    without trimming, the process's RSS crept up by ~90 MB per doubling of the scene count
-    (benchmark 2). A no-op where glibc is not the allocator.
-    """
-    import ctypes
-
-    from pipeline.zarr_chunks import release_recycled
-
-    release_recycled()  # the tiling's recycled block buffers go first
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        data = loc.read_bytes(rel)
+    except FileNotFoundError:
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        hist = np.zeros(tuple(z["shape"]), dtype=np.int64)
+        hist[z["band"].astype(np.int64), z["value"].astype(np.int64)] = z["count"]
+    return hist
 
 
-def _short(e: BaseException | None) -> str:
-    from pipeline.signing import strip_query
+def _run_units(client: Any, jobs: list[UnitJob], fail_fast: bool) -> dict[str, UnitRecord]:
+    """Submit the unit tasks (at most two per worker thread in flight, more as they finish)
+    and collect their records. A task that fails outright (its worker lost more than Dask
+    allows, a bug) becomes a failed record: the build then exits 5, never 0."""
+    from distributed import as_completed
 
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
-    # never let a signed URL (token in the query) reach a log or the manifest
-    return re.sub(r"https?://\S+", lambda m: strip_query(m.group(0)), text)
+    threads = sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()) or 1
+    window = max(2, 2 * threads)
+    queue = iter(jobs)
+    by_key: dict[str, UnitJob] = {}
+
+    def submit(job: UnitJob) -> Any:
+        key = f"unit-{job.unit.id}-v{job.version:04d}-{job.tag}"
+        by_key[key] = job
+        # retries: a unit that raised (a lost connection mid-upload) runs once more; a lost
+        # worker is Dask's own business (its tasks are rescheduled on the others)
+        return client.submit(run_unit, job, key=key, retries=1, pure=False)
+
+    inflight = as_completed([submit(j) for j in (next(queue) for _ in range(min(window, len(jobs))))],
+                            loop=client.loop)
+    records: dict[str, UnitRecord] = {}
+    bar = tqdm(total=len(jobs), desc="units", unit="unit", disable=None)
+    try:
+        for fut in inflight:
+            job = by_key[fut.key]
+            try:
+                rec = fut.result()
+            except Exception as e:  # the task itself failed: record it, never a quiet success
+                from pipeline.units import short_error
+
+                reason = f"unit task failed: {short_error(e)}"
+                log.warning("%s: %s", job.unit.id, reason)
+                rec = UnitRecord(job.unit.id, {}, {}, {g.id: reason for g in job.unit.grids})
+            records[rec.unit] = rec
+            bar.update(1)
+            if fail_fast and rec.failed:
+                grid_id, reason = next(iter(rec.failed.items()))
+                scene = next(g for g in job.unit.grids if g.id == grid_id).scenes[0].id
+                raise ScenesFailed(f"{scene}: {reason} (--fail-fast; run again without it to skip and go on)")
+            nxt = next(queue, None)
+            if nxt is not None:
+                inflight.add(submit(nxt))
+    finally:
+        bar.close()
+        for fut in list(inflight.futures):
+            fut.cancel()
+    return records
 
 
-def _vdir(version: int) -> str:
-    return f"v{version:04d}"
+def _first_input(loc: Location, units: list[WorkUnit], version: int) -> str | None:
+    """An input asset the workers will read: one of the first grid without a finished cube
+    (one listing of the cube folder); None when every cube is there (re-tiling reads no COG)."""
+    finished = set(loc.names(f"cube/v{version:04d}"))
+    for u in units:
+        for g in u.grids:
+            if f"{g.id}.zarr.complete" not in finished:
+                return sorted(g.scenes[0].hrefs.values())[0]
+    return None
+
+
+def _preflight(client: Any, loc: Location, href: str | None, patch_url: Any, gdal_env: dict[str, Any]) -> None:
+    """Before any work: every worker must see what the client writes at the output, write
+    and read back its own probe, and open one input asset; else one line naming what fails."""
+    token = uuid.uuid4().hex
+    probe = f"_work/probe-{token}"
+    loc.write_bytes(probe, token.encode())
+    try:
+        answers = client.run(probe_worker, loc.target, probe, token, href, patch_url, gdal_env)
+        problems = {w: a for w, a in answers.items() if a}
+        if problems:
+            worker, problem = sorted(problems.items())[0]
+            raise OutputError(f"{len(problems)} of {len(answers)} Dask worker(s) cannot do the work: {worker} {problem}")
+        if not answers:
+            raise OutputError("the Dask cluster has no workers")
+    finally:
+        for rel in loc.list("_work"):
+            if rel.startswith(probe):
+                loc.remove(rel)
 
 
 def _check_scheduler(address: str) -> None:
     from distributed import Client
 
     try:
-        Client(address, timeout="10s").close()
-    except OSError as e:
-        raise OutputError(f"cannot reach the Dask scheduler {address!r}: {e}") from None
+        Client(address, timeout="10s", set_as_default=False).close()
+    except (OSError, ValueError, TypeError) as e:
+        raise OutputError(f"cannot reach the Dask scheduler {address!r}: {str(e).splitlines()[0][:200]}") from None
 
 
 @contextlib.contextmanager
 def _dask_client(cfg: BuildConfig) -> Iterator[Any]:
-    """A Dask client for the cube stage: an existing cluster (`scheduler`), or a LocalCluster
-    sized to the machine (threads in this process: GDAL releases the GIL, and no pickling of
-    chunks between processes). GDAL settings travel with each read task (`load_unit`)."""
+    """A Dask client: an existing cluster (`scheduler`), or a LocalCluster on 127.0.0.1.
+
+    The local cluster is one worker thread in this process (no pickling of records, no
+    second interpreter to start); each unit uses `cfg.workers` (default all) cores for its
+    own work, so one unit at a time keeps memory flat. No dashboard unless asked for; then
+    it listens on 127.0.0.1 only."""
+    import dask
     from distributed import Client, LocalCluster
 
     if cfg.scheduler:
         try:
-            client = Client(cfg.scheduler, timeout="20s")
+            client = Client(cfg.scheduler, timeout="20s", set_as_default=False)
         except OSError as e:
             raise OutputError(f"cannot reach the Dask scheduler {cfg.scheduler!r}: {e}") from None
         log.info("Dask: using the cluster at %s (%d workers)", cfg.scheduler, len(client.scheduler_info()["workers"]))
         cluster = None
     else:
-        import dask
-
-        threads = cfg.workers or os.cpu_count() or 1
         # No statistical profiler on our own cluster: it samples every thread's stack each
         # 10 ms for a dashboard nobody sees here (measured: ~1 CPU-s less per full scene)
         with dask.config.set({"distributed.worker.profile.enabled": False}):
-            cluster = LocalCluster(n_workers=1, threads_per_worker=threads, processes=False, dashboard_address=None)
-        client = Client(cluster)
+            # in-process: the scheduler and worker talk over inproc:// (no socket); the workers'
+            # own HTTP servers are off, and the dashboard, when asked for, binds to loopback
+            # (the scheduler always serves its HTTP routes, dashboard or not: on loopback, any port)
+            cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                                   dashboard_address="127.0.0.1:0" if cfg.dashboard else None,
+                                   worker_dashboard_address="127.0.0.1:0",
+                                   scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
+        client = Client(cluster, set_as_default=False)
+        if cfg.dashboard:
+            log.info("Dask dashboard: %s", client.dashboard_link)
     try:
         yield client
     finally:
@@ -454,114 +461,38 @@ def _dask_client(cfg: BuildConfig) -> Iterator[Any]:
             cluster.close()
 
 
-def _remove_stale_cubes(out: Path, units: list[Unit], version: int) -> None:
-    keep = {cube_path(out, u, version).name for u in units}
-    for p in (out / "cube" / _vdir(version)).glob("*.zarr*"):
-        if p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
+def _remove_stale_cubes(loc: Location, grids: list[Grid], version: int) -> None:
+    """Cubes of this version's folder that no grid of this build uses (an earlier config's)."""
+    keep = {f"{g.id}.zarr" for g in grids} | {f"{g.id}.zarr.complete" for g in grids}
+    base = f"cube/v{version:04d}"
+    names = {rel[len(base) + 1:].split("/", 1)[0] for rel in loc.list(base)}
+    for name in sorted(names):
+        if name.endswith((".zarr", ".zarr.complete")) and name not in keep or ".zarr.tmp-" in name:
+            if name.endswith(".complete"):
+                loc.remove(f"{base}/{name}")
+            else:
+                loc.remove_tree(f"{base}/{name}")
 
 
-def _write_dataset(
-    out: Path, spec: TilingSpec, cfg: BuildConfig, units: list[Unit], state: WorkState,
-    summary: BuildSummary, source: dict[str, Any], version: int,
-) -> dict[str, Any]:
-    """Tile every unit for one spec and write its shards, resumably."""
-    import xarray as xr
-
-    with state.lock:
-        ds_state = state.data["datasets"].setdefault(
-            spec.name,
-            {"writers": {s: {"index": 0, "start": [0, 0], "shards": []} for s in SPLITS}, "unit_dropped": {}, "done": False},
-        )
-    writers: dict[str, ShardWriter] = {}
-    pos = [0, 0]
-
-    def make_on_close(split: str) -> Any:
-        def on_close(rec: ShardRecord, hist: np.ndarray | None) -> None:
-            if hist is not None:
-                hp = state.hist_path(rec.path)
-                hp.parent.mkdir(parents=True, exist_ok=True)
-                save_hist(hp, hist)
-            with state.lock:
-                w = ds_state["writers"][split]
-                w["shards"].append(rec.to_json())
-                w["index"] = writers[split].index
-                w["start"] = list(pos)  # the sample being written now opens the next shard
-                state.save()
-        return on_close
-
-    for split in SPLITS:
-        w = ds_state["writers"][split]
-        writers[split] = ShardWriter(
-            out, spec.name, f"{split}-{_vdir(version)}", cfg.shards.max_bytes, cfg.shards.max_samples,
-            index=w["index"], with_hist=(split == "train"), on_close=make_on_close(split),
-        )
-    if not ds_state["done"]:
-        # remove shards beyond the checkpoint (written after it, before a kill) and temp files
-        for split in SPLITS:
-            d = out / spec.name
-            for p in d.glob(f"{split}-{_vdir(version)}-*.tar*") if d.exists() else []:
-                idx = int(p.name.split("-")[-1].split(".")[0])
-                if p.name.endswith(".tmp") or idx >= ds_state["writers"][split]["index"]:
-                    p.unlink()
-        restart_unit = min(tuple(ds_state["writers"][s]["start"]) for s in SPLITS)[0]
-        unit_dropped: dict[str, dict[str, int]] = ds_state["unit_dropped"]
-        for ui in tqdm(range(restart_unit, len(units)), desc=spec.name, unit="grid", disable=None):
-            u = units[ui]
-            cube = xr.open_zarr(cube_path(out, u, version), consolidated=False)
-            dropped: Counter[str] = Counter()
-            for k, item in enumerate(iter_chips(cube, spec, cfg, source)):
-                pos[0], pos[1] = ui, k
-                if isinstance(item, Dropped):
-                    dropped[item.reason] += 1
-                    continue
-                assert isinstance(item, Chip)
-                if (ui, k) < tuple(ds_state["writers"][item.split]["start"]):
-                    continue  # already inside a closed shard
-                writers[item.split].write(item.key, item.data, item.meta)
-            with state.lock:
-                unit_dropped[str(ui)] = dict(dropped)
-            del cube
-            trim_heap()
-        pos[0], pos[1] = len(units), 0
-        for split in SPLITS:
-            writers[split].close_shard()
-        with state.lock:
-            ds_state["done"] = True
-            state.save()
-    dropped_total: Counter[str] = Counter()
-    for d in ds_state["unit_dropped"].values():
-        dropped_total.update(d)
-    summary.dropped[spec.name] = dict(dropped_total)
-    splits: dict[str, Any] = {}
-    for split in SPLITS:
-        shards = ds_state["writers"][split]["shards"]
-        splits[split] = {"num_samples": sum(s["num_samples"] for s in shards), "shards": shards}
-    summary.chips[spec.name] = {s: splits[s]["num_samples"] for s in SPLITS}
-    hist = np.zeros((len(sensor().band_names), N_BINS), dtype=np.int64)
-    for sh in splits["train"]["shards"]:
-        hist += load_hist(state.hist_path(sh["path"]))
-    # this version's train histogram is kept: statistics of any version = sum of versions <= it
-    hp = out / "stats" / f"{spec.name}-{_vdir(version)}.npz"
-    hp.parent.mkdir(parents=True, exist_ok=True)
-    save_hist(hp, hist)
-    n_bands = len(sensor().band_names)
-    shape = [n_bands, spec.size, spec.size] if spec.time_steps == 1 else [spec.time_steps, n_bands, spec.size, spec.size]
-    return {
-        "chip_size": spec.size,
-        "gsd": spec.gsd,
-        "time_steps": spec.time_steps,
-        "overlap": spec.overlap,
-        "layout": "CHW" if spec.time_steps == 1 else "TCHW",
-        "shape": shape,
-        "splits": splits,
-        "dropped": dict(dropped_total),
-    }
+def _remove_unlisted_shards(loc: Location, manifest: dict[str, Any], version: int, old: dict[str, Any] | None) -> None:
+    """After the manifest is written: this build's names that it does not list (a unit's
+    extra shards from a killed earlier attempt, temporary files) and, for --overwrite, the
+    replaced dataset's shards. Only names of our own pattern inside the dataset folders."""
+    listed = {sh["path"] for d in manifest["datasets"].values() for sp in d["splits"].values() for sh in sp["shards"]}
+    folders = set(manifest["datasets"]) | set((old or {}).get("datasets", {}))
+    for folder in sorted(folders):
+        for rel in loc.list(folder):
+            name = rel.split("/")[-1]
+            m = SHARD_NAME.match(name)
+            if rel in listed or m is None or rel != f"{folder}/{name}":
+                continue
+            if int(m.group(2)) == version or old is not None or m.group(6):
+                loc.remove(rel)
 
 
 def _manifest(
     cfg: BuildConfig, prev: dict[str, Any] | None, version: int, s_hash: str, result: SearchResult,
-    units: list[Unit], added: dict[str, Any], summary: BuildSummary, out: Path,
+    grids: list[Grid], added: dict[str, Any], summary: BuildSummary, loc: Location,
 ) -> dict[str, Any]:
     """The new manifest: the previous versions plus this one, and the cumulative view.
 
@@ -571,7 +502,7 @@ def _manifest(
     """
     s = sensor()
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-    grid_of = {sc.id: u.id for u in units for sc in u.scenes}
+    grid_of = {sc.id: g.id for g in grids for sc in g.scenes}
     new_items = [
         {
             "id": sc.id,
@@ -603,7 +534,7 @@ def _manifest(
         "datasets": {},
     }
     for name, d in added.items():
-        stats = _stats_upto(out, name, version)
+        stats = _stats_upto(loc, name, version)
         entry["datasets"][name] = {
             "splits": d["splits"],
             "dropped": d["dropped"],
@@ -645,7 +576,8 @@ def _manifest(
         "dtype": "uint16",
         "value_scale": s.scale,
         "nodata": s.nodata,
-        "source": {"catalog": result.catalog, "collection": result.collection},
+        "source": {"catalog": result.catalog, "collection": result.collection,
+                   "max_items": result.max_items, "search_capped": result.capped},
         "datasets": datasets,
         "versions": versions,
         "scenes": {
@@ -659,22 +591,26 @@ def _manifest(
     }
 
 
-def _stats_upto(out: Path, name: str, version: int) -> dict[str, Any] | None:
+def _stats_upto(loc: Location, name: str, version: int) -> dict[str, Any] | None:
     hist = None
     for v in range(1, version + 1):
-        p = out / "stats" / f"{name}-{_vdir(v)}.npz"
-        if p.is_file():
-            h = load_hist(p)
+        h = _load_hist(loc, f"stats/{name}-v{v:04d}.npz")
+        if h is not None:
             hist = h if hist is None else hist + h
     if hist is None or hist.sum() == 0:
         return None
     return stats_from_histogram(hist)
 
 
-def _dry_run_report(cfg: BuildConfig, units: list[Unit], summary: BuildSummary) -> None:
-    """Scenes found and the chip positions each dataset would have (before quality/split)."""
-    for u in units:
-        for sc in u.scenes:
+def _dry_run_report(cfg: BuildConfig, grids: list[Grid], summary: BuildSummary) -> None:
+    """Scenes found, the units planned (one task each), and the chip positions each dataset
+    would have (before quality/split)."""
+    units = plan_units(grids, cfg.pack_pixels)
+    summary.units = len(units)
+    log.info("plan: %d units of work for %d grids (one task per unit; the largest holds %d grid(s))",
+             len(units), len(grids), max((len(u.grids) for u in units), default=0))
+    for g in grids:
+        for sc in g.scenes:
             log.info(
                 "scene %s  %s  tile %s  EPSG:%d  baseline %s  rule %s  SCL %s",
                 sc.id, sc.datetime, sc.tile or "?", sc.epsg, sc.harmonisation.processing_baseline,
@@ -682,7 +618,7 @@ def _dry_run_report(cfg: BuildConfig, units: list[Unit], summary: BuildSummary) 
             )
     for spec in cfg.tiling:
         n = 0
-        for u in units:
+        for u in grids:
             h, w = u.shape[0] // spec.factor, u.shape[1] // spec.factor
             shape = small_scene_shape(h, w, spec.size, cfg.small_scene) or (h, w)
             stride = spec.size - spec.overlap

@@ -45,9 +45,12 @@ class Chip:
 
 @dataclass(frozen=True)
 class Dropped:
-    """A chip position that was not written, with the reason (counted in the summary)."""
+    """A chip position that was not written, with the reason (counted in the summary);
+    `empty` when every pixel of it was nodata (a grid of only empty positions points at
+    unreadable data, which a build must not report as success)."""
 
     reason: str
+    empty: bool = False
 
 
 # -- geometry -----------------------------------------------------------------------
@@ -394,7 +397,7 @@ def iter_chips(
                     frac = {k: float(v[j]) for k, v in worst.items()}
                     reason = _quality_reason(frac, q)
                     if reason:
-                        yield Dropped(reason)
+                        yield Dropped(reason, frac["nodata"] >= 1.0)
                         continue
                     split = chip_split(epsg, float(x0[j]), float(y_bot), float(x1[j]), float(y_top), cfg.split)
                     if split is None:
@@ -449,7 +452,7 @@ def _small_scene_chips(
             frac = {k: float(v[:, 0].max()) for k, v in fr.items()}
             reason = _quality_reason(frac, cfg.quality)
             if reason:
-                yield Dropped(reason)
+                yield Dropped(reason, frac["nodata"] >= 1.0)
                 continue
             x0 = c0 + c * px_x
             y_top = f0 - r * px_y

@@ -31,6 +31,10 @@ from typing import Any
 import numpy as np
 
 
+class MissingChunk(OSError):
+    """A chunk file of a cube is not there: the cube is incomplete, not "all nodata"."""
+
+
 @dataclass(frozen=True)
 class ChunkedArray:
     """A local zarr v3 array of the cube's layout: `region` reads any box of it."""
@@ -67,9 +71,10 @@ class ChunkedArray:
             src = tuple(slice(max(a, o) - o, min(b, o + c) - o) for a, b, o, c in zip(lo, hi, origin, self.chunks))
             try:
                 data = read_file(self._chunk_path(cidx))
-            except FileNotFoundError:  # never written: the fill value (zarr's rule)
-                out[dst] = self.fill
-                continue
+            except FileNotFoundError:
+                # zarr's rule would be the fill value; but the cube's writer writes every chunk,
+                # so a missing one is a lost write, and zeros here would become "nodata" chips
+                raise MissingChunk(f"{self.path}: chunk {cidx} is missing (an incomplete cube)") from None
             # Blosc's 16-byte header: version, versionlz, flags, typesize, then nbytes (uint32 LE)
             if len(data) < 16 or struct.unpack_from("<I", data[:16], 4)[0] != len(scratch):
                 raise ValueError(f"{self.path}: chunk {cidx} does not hold a whole chunk of {self.chunks}")

@@ -11,13 +11,14 @@ import rioxarray  # noqa: F401
 import xarray as xr
 
 from pipeline.catalogs import sensor
+from pipeline.contract import FORMAT_ID
 from tests.helpers.paths import BIGEARTHNET
 from tests.pipeline.conftest import read_dataset
 
 
 def test_manifest_contract(sample_dataset: Path) -> None:
     man = json.loads((sample_dataset / "manifest.json").read_text())
-    assert man["format"] == "spectralgpt-shards/1"
+    assert man["format"] == FORMAT_ID == "spectralgpt-shards/2"
     assert man["bands"] == ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
     assert man["scenes"]["found"] == 11 and man["scenes"]["used"] == 11
     assert set(man["datasets"]) == {"s96_g10m", "s128_g10m"}

@@ -14,7 +14,7 @@ from rasterio.transform import from_origin
 
 from pipeline import cube as cube_mod
 from pipeline.config import load_config
-from pipeline.cube import GDAL_CLOUD_ENV, group_units, load_unit
+from pipeline.cube import GDAL_CLOUD_ENV, group_grids, load_grid
 from pipeline.harmonise import apply_offsets, remove_offset
 from pipeline.native_read import read_block
 from pipeline.search import open_catalog, search
@@ -158,10 +158,10 @@ def test_native_cube_equals_odc_stac_load(tmp_path: Path, monkeypatch: pytest.Mo
     cfg = load_config(None, {"catalog": str(cat), "bbox": bbox, "max_cloud": 100, "output": str(tmp_path / "o"),
                              "resampling": {"20m": method, "60m": method}})
     with open_catalog(cfg) as c:
-        unit = group_units(search(cfg, c).scenes)[0][0]
-    native = load_unit(unit, cfg).compute()
+        unit = group_grids(search(cfg, c).scenes)[0][0]
+    native = load_grid(unit, cfg).compute()
     monkeypatch.setattr(cube_mod, "_native_load", lambda *a, **k: None)  # force the general path
-    warped = load_unit(unit, cfg).compute()
+    warped = load_grid(unit, cfg).compute()
     assert native["dn"].shape == warped["dn"].shape and native["dn"].shape[1] == 12
     np.testing.assert_array_equal(native["scl"].values, warped["scl"].values)
     assert (native["scl"].values != 255).all()  # real SCL was read, not filled

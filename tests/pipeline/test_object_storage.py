@@ -1,5 +1,5 @@
-"""--output s3://... against an S3 API on 127.0.0.1: shards and manifests land there,
-manifest last; a refresh from a fresh machine (empty staging) continues the remote dataset."""
+"""--output s3://... against an S3 API on 127.0.0.1: cubes, shards and manifests land there and
+nothing is staged on the client's disk; a refresh from another machine continues the dataset."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from tests.pipeline.test_refresh import LATER, _catalog
 def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import fsspec
 
-    monkeypatch.setenv("SPECTRALGPT_STAGING", str(tmp_path / "staging"))
+    monkeypatch.setenv("SPECTRALGPT_STATE", str(tmp_path / "state"))
     with moto_s3() as endpoint:
         fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
         cat = _catalog(tmp_path, LATER)
@@ -31,8 +31,11 @@ def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             assert fs.size(f"{url}/{sh['path']}") == sh["bytes"]
         assert fs.exists(f"{url}/cube/v0001")
         assert not fs.exists(f"{url}/_work")
-        # a new machine: nothing staged locally, the refresh starts from the published version
-        shutil.rmtree(tmp_path / "staging")
+        # the client keeps only the dataset's lock file on this machine, no data
+        kept = [p for p in (tmp_path / "state").rglob("*") if p.is_file()]
+        assert [p.name for p in kept] == [".lock"] and kept[0].stat().st_size < 32
+        # a new machine: the refresh starts from the published version
+        shutil.rmtree(tmp_path / "state")
         assert refresh_main(["--catalog", str(_catalog(tmp_path, ())), "--output", url]) == 0
         man2 = json.loads(fs.cat(f"{url}/manifest.json"))
         assert man2["latest_version"] == 2 and sorted(man2["versions"][1]["items"]) == sorted(LATER)

@@ -9,7 +9,7 @@ import pytest
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from pipeline.zarr_chunks import open_chunked
+from pipeline.zarr_chunks import MissingChunk, open_chunked
 
 
 def _array(path: Path, data: np.ndarray, chunks: tuple[int, ...], compressors: object) -> None:
@@ -18,7 +18,7 @@ def _array(path: Path, data: np.ndarray, chunks: tuple[int, ...], compressors: o
     a[...] = data
 
 
-def test_regions_equal_zarr_reads_including_edges_and_unwritten_chunks(tmp_path: Path) -> None:
+def test_regions_equal_zarr_reads_including_edges_and_a_missing_chunk_is_an_error(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     data = rng.integers(0, 5000, (2, 3, 70, 90), dtype=np.uint16)  # 70 x 90: partial edge chunks
     data[1, :, 32:64, 40:80] = 0  # whole chunks of zeros: zarr may skip writing them
@@ -30,8 +30,12 @@ def test_regions_equal_zarr_reads_including_edges_and_unwritten_chunks(tmp_path:
     assert not (path / "c" / "1" / "0" / "1" / "1").exists()  # an unwritten chunk is in play
     arr = open_chunked(path)
     assert arr is not None and arr.chunks == (1, 3, 32, 40)
-    boxes = [(slice(0, 2), slice(None), slice(0, 70), slice(0, 90)), (slice(1, 2), slice(None), slice(31, 65), slice(39, 81)),
+    boxes = [(slice(0, 1), slice(None), slice(0, 70), slice(0, 90)), (slice(1, 2), slice(None), slice(0, 31), slice(39, 81)),
              (slice(0, 1), slice(1, 2), slice(69, 70), slice(89, 90)), (slice(0, 2), slice(None), slice(5, 6), slice(0, 90))]
+    # zarr reads an unwritten chunk as the fill value; the cube's writer writes every chunk, so
+    # here a missing chunk is an incomplete cube: an error, never zeros taken for nodata
+    with pytest.raises(MissingChunk, match=r"chunk \[1, 0, 1, 1\] is missing"):
+        arr.region((slice(1, 2), slice(None), slice(31, 65), slice(39, 81)))
     for box in boxes:
         got = arr.region(box)
         np.testing.assert_array_equal(got, data[box])
