@@ -50,11 +50,11 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from pipeline.contract import READABLE_FORMATS
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
-FORMAT = "spectralgpt-shards/1"
 BANDS = ["B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12"]
 TRUE_COLOUR = ("B04", "B03", "B02")
 FALSE_COLOUR = ("B08", "B04", "B03")  # NIR-red-green: vegetation shows red
@@ -109,7 +109,7 @@ def _versions(base: Path) -> list[str]:
 
 
 def load_manifest(path: Path) -> dict[str, Any]:
-    """Read and check a manifest: JSON object, format id `spectralgpt-shards/1`, datasets with splits.
+    """Read and check a manifest: JSON object, a readable format id (`pipeline.contract`), datasets with splits.
 
     Raises:
         ReportError: unreadable, another format, or structurally broken.
@@ -120,8 +120,9 @@ def load_manifest(path: Path) -> dict[str, Any]:
         raise ReportError(f"{path}: not a readable JSON manifest ({e})") from None
     if not isinstance(man, dict):
         raise ReportError(f"{path}: not a dataset manifest (expected a JSON object)")
-    if man.get("format") != FORMAT:
-        raise ReportError(f"{path}: format {man.get('format')!r} is not {FORMAT!r}; this tool reads only {FORMAT}")
+    if man.get("format") not in READABLE_FORMATS:
+        raise ReportError(f"{path}: format {str(man.get('format'))[:60]!r} is not one this tool reads "
+                          f"({', '.join(READABLE_FORMATS)})")
     datasets = man.get("datasets")
     if not isinstance(datasets, dict) or not all(
         isinstance(d, dict) and isinstance(d.get("splits"), dict) for d in datasets.values()

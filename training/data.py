@@ -1,6 +1,6 @@
 """Streaming WebDataset input driven by the pipeline's ``manifest.json``.
 
-Contract: ``docs/DATASET_FORMAT.md`` (format ``spectralgpt-shards/1``): samples are
+Contract: ``docs/DATASET_FORMAT.md`` (``pipeline.contract``: formats 1 and 2): samples are
 ``<key>.npy`` uint16 ``[C, H, W]`` (reflectance = value / 10000, 0 = nodata) plus
 ``<key>.json``; the manifest lists data sets -> splits -> shards and per-band statistics.
 
@@ -47,12 +47,12 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
+from pipeline.contract import READABLE_FORMATS  # the dataset contract's one home
 from training.config import ModelConfig, RunConfig, StageConfig
 from training.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-FORMAT_ID = "spectralgpt-shards/1"
 NODATA = 0
 # Per-image min-max epsilon of the official fMoW loader (util/datasets.py L408-422).
 MINMAX_EPS = 1e-10
@@ -202,9 +202,9 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
     """
     where = str(manifest_path)
     manifest = _read_manifest(where)
-    if manifest.get("format") != FORMAT_ID:
-        raise DataError(f"manifest '{where}' has format {manifest.get('format')!r}, "
-                        f"expected '{FORMAT_ID}'")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise DataError(f"manifest '{where}' has format {str(manifest.get('format'))[:60]!r}, "
+                        f"expected one of {', '.join(READABLE_FORMATS)}")
     datasets = manifest.get("datasets") or {}
     if dataset not in datasets:
         raise DataError(f"data set '{dataset}' not in manifest '{where}' "

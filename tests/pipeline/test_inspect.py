@@ -126,7 +126,7 @@ def test_report_replaces_previous_report(report: Path, dataset: Path) -> None:
     [
         ("missing", "does not exist"),
         ("empty", "no manifest.json"),
-        ("format", "is not 'spectralgpt-shards/1'"),
+        ("format", "is not one this tool reads (spectralgpt-shards/1, spectralgpt-shards/2)"),
         ("json", "not a readable JSON manifest"),
         ("shard", "is missing"),
     ],
