@@ -88,10 +88,10 @@ def build_command(catalog: Path, bbox: Sequence[float], output: Path) -> list[st
     ]
 
 
-def run_build(catalog: Path, bbox: Sequence[float], output: Path) -> Run:
+def run_build(catalog: Path, bbox: Sequence[float], output: Path, extra: Sequence[str] = ()) -> Run:
     if output.exists():
         shutil.rmtree(output)
-    cmd = build_command(catalog, bbox, output)
+    cmd = [*build_command(catalog, bbox, output), *extra]
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     run = run_tree(cmd, env=env, cwd=REPO)
     if run.returncode != 0:

@@ -56,6 +56,7 @@ from pipeline.units import (
 log = logging.getLogger(__name__)
 
 FORMAT = FORMAT_ID
+DRY_RUN_SCENES = 50  # scenes a dry run lists at the default verbosity
 
 
 @dataclass
@@ -609,13 +610,19 @@ def _dry_run_report(cfg: BuildConfig, grids: list[Grid], summary: BuildSummary) 
     summary.units = len(units)
     log.info("plan: %d units of work for %d grids (one task per unit; the largest holds %d grid(s))",
              len(units), len(grids), max((len(u.grids) for u in units), default=0))
+    shown = 0
     for g in grids:
         for sc in g.scenes:
-            log.info(
+            shown += 1
+            # a continent's dry run lists thousands of scenes: the first ones, the rest with -v
+            log.log(
+                logging.INFO if shown <= DRY_RUN_SCENES else logging.DEBUG,
                 "scene %s  %s  tile %s  EPSG:%d  baseline %s  rule %s  SCL %s",
                 sc.id, sc.datetime, sc.tile or "?", sc.epsg, sc.harmonisation.processing_baseline,
                 sc.harmonisation.rule, "yes" if sc.has_scl else "no",
             )
+    if shown > DRY_RUN_SCENES:
+        log.info("... and %d more scenes (-v lists them all)", shown - DRY_RUN_SCENES)
     for spec in cfg.tiling:
         n = 0
         for u in grids:

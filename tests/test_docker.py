@@ -45,17 +45,28 @@ def test_hadolint_clean() -> None:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-def test_compose_has_scheduler_two_workers_build_and_refresh() -> None:
+def test_compose_runs_workers_without_a_shared_disk_against_s3() -> None:
+    """Scheduler, two workers, MinIO, a build job and the cron refresh; no pipeline service
+    mounts a volume (workers write to s3:// by URL); published ports bind to loopback only."""
     c = yaml.safe_load((DOCKER / "compose.yaml").read_text())
     svcs = c["services"]
-    assert {"scheduler", "worker-1", "worker-2", "build", "refresh"} <= set(svcs)
+    assert {"scheduler", "worker-1", "worker-2", "build", "refresh", "minio"} <= set(svcs)
     assert svcs["scheduler"]["command"][:2] == ["dask", "scheduler"]
     for w in ("worker-1", "worker-2"):
         assert svcs[w]["command"][:3] == ["dask", "worker", "tcp://scheduler:8786"]
     build = svcs["build"]["command"]
     assert build[:2] == ["spectralgpt", "build"] and "tcp://scheduler:8786" in build
+    assert build[build.index("--output") + 1].startswith("s3://")
+    pipeline = {n: s for n, s in svcs.items() if s.get("build", {}).get("dockerfile") == "docker/pipeline.Dockerfile"}
+    assert set(pipeline) == {"scheduler", "worker-1", "worker-2", "build", "refresh"}
+    for name, s in pipeline.items():
+        assert not s.get("volumes"), f"{name} mounts a volume: workers and client must share no disk"
+        assert s["environment"]["AWS_ENDPOINT_URL"] == "http://minio:9000"
+    assert svcs["refresh"]["environment"]["REFRESH_OUTPUT"].startswith("s3://")
+    assert ":" in svcs["minio"]["image"] and not svcs["minio"]["image"].endswith(":latest")
     for s in svcs.values():
-        assert s["build"]["dockerfile"] == "docker/pipeline.Dockerfile" and "datasets:/data" in s["volumes"]
+        for port in s.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), port
     assert "refresh.crontab" in " ".join(svcs["refresh"]["command"])
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -36,3 +37,38 @@ def test_retile_without_cogs(tmp_path: Path) -> None:
         np.testing.assert_array_equal(second[k]["npy"], s["npy"])
     g20 = [s for s in second.values() if s["dataset"] == "s32_g20m"]
     assert g20 and all(s["json"]["gsd"] == 20.0 and s["npy"].shape == (12, 32, 32) for s in g20)
+
+
+def test_a_missing_cube_chunk_is_rebuilt_or_fails_never_read_as_zeros(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A cube that lost a chunk file is not reused: with its COGs it is rebuilt (the same chips);
+    without them its grid fails loudly (exit 5, listed in the manifest), never zeros as nodata."""
+    cat_dir = tmp_path / "sample"
+    shutil.copytree(REPO / "catalogs" / "sample", cat_dir)
+    out = tmp_path / "ds"
+    args = ["--catalog", str(cat_dir / "catalog.json"), "--output", str(out)]
+    (tmp_path / "a.yaml").write_text("tiling: [96]\n")
+    assert main([*args, "--config", str(tmp_path / "a.yaml")]) == 0
+    first = read_dataset(out)
+    cube = sorted((out / "cube" / "v0001").glob("*.zarr"))[0]
+    chunk = next(p for p in (cube / "dn" / "c").rglob("*") if p.is_file())
+    chunk.unlink()
+    (tmp_path / "b.yaml").write_text("tiling: [96, 64]\n")
+    caplog.clear()
+    assert main([*args, "--config", str(tmp_path / "b.yaml"), "--overwrite"]) == 0
+    assert any(re.search(r"\d+ of \d+ chunks of 'dn' present: rebuilding it", r.getMessage()) for r in caplog.records)
+    assert chunk.is_file()
+    second = read_dataset(out)
+    for k, s in first.items():
+        np.testing.assert_array_equal(second[k]["npy"], s["npy"])
+
+    chunk.unlink()
+    for c in cat_dir.rglob("*.tif"):
+        c.unlink()
+    (tmp_path / "c.yaml").write_text("tiling: [96, 64, 32]\n")
+    assert main([*args, "--config", str(tmp_path / "c.yaml"), "--overwrite"]) == 5
+    man = json.loads((out / "manifest.json").read_text())
+    failed = [it for it in man["items"] if it.get("failed")]
+    assert len(failed) == 1 and failed[0]["grid"] is None and "read failed" in failed[0]["failed"]
+    grid_id = cube.name.removesuffix(".zarr")
+    assert not any(s["json"]["key"].startswith(grid_id.split("_")[0]) and s["json"]["scene_ids"] == failed[0]["id"]
+                   for s in read_dataset(out).values())

@@ -28,18 +28,18 @@ def s3_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
     """The pipeline's europe sample data set published to a loopback S3; yields its URL."""
     from pipeline.build_shards import main
 
-    staging = tmp_path_factory.mktemp("staging")
-    saved = os.environ.get("SPECTRALGPT_STAGING")
-    os.environ["SPECTRALGPT_STAGING"] = str(staging)
+    staging = tmp_path_factory.mktemp("state")  # the lock of the remote dataset
+    saved = os.environ.get("SPECTRALGPT_STATE")
+    os.environ["SPECTRALGPT_STATE"] = str(staging)
     try:
         with moto_s3():
             assert main(["--aoi", "europe", "--output", URL]) == 0
             yield URL
     finally:
         if saved is None:
-            os.environ.pop("SPECTRALGPT_STAGING", None)
+            os.environ.pop("SPECTRALGPT_STATE", None)
         else:
-            os.environ["SPECTRALGPT_STAGING"] = saved
+            os.environ["SPECTRALGPT_STATE"] = saved
 
 
 def test_shard_set_and_samples_from_s3(s3_dataset: str) -> None:
