@@ -44,8 +44,10 @@ class Run:
     output: str
 
 
-def run_tree(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None) -> Run:
-    """Run `cmd`, polling the RSS of its process tree every 50 ms; wall time includes start-up."""
+def run_tree(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str | Path | None = None,
+             tail: int = 4000) -> Run:
+    """Run `cmd`, polling the RSS of its process tree every 50 ms; wall time includes start-up.
+    `output` keeps the last `tail` characters (0: all of it)."""
     t0 = time.perf_counter()
     child = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd, text=True)
     proc = psutil.Process(child.pid)
@@ -62,7 +64,8 @@ def run_tree(cmd: Sequence[str], *, env: dict[str, str] | None = None, cwd: str 
     child.wait()
     seconds = time.perf_counter() - t0
     reader.join(timeout=5)
-    return Run(seconds, peak, child.returncode, "".join(chunks)[-4000:])
+    text = "".join(chunks)
+    return Run(seconds, peak, child.returncode, text[-tail:] if tail else text)
 
 
 def cog_files(scene_dirs: Iterable[Path]) -> list[Path]:

@@ -174,4 +174,6 @@ def _print_summary(s) -> None:  # type: ignore[no-untyped-def]
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spectralgpt.cli import exit_now
+
+    exit_now(main())

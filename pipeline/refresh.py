@@ -23,4 +23,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from spectralgpt.cli import exit_now
+
+    exit_now(main())

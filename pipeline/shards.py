@@ -121,11 +121,13 @@ class ShardRecord:
 
 
 class _HashingFile(io.RawIOBase):
-    """File wrapper that hashes and counts bytes as they are written (no second read)."""
+    """File wrapper that counts bytes as they are written and gives their sha256 (no second
+    read). A `DirectFile` hashes in its own writer thread, off the caller's path; any other
+    file is hashed here."""
 
     def __init__(self, f: Any) -> None:
         self.f = f
-        self.h = hashlib.sha256()
+        self._h = None if isinstance(f, DirectFile) else hashlib.sha256()
         self.n = 0
 
     def writable(self) -> bool:
@@ -136,10 +138,15 @@ class _HashingFile(io.RawIOBase):
 
     def write(self, b: Any) -> int:
         mv = memoryview(b)
-        self.h.update(mv)
+        if self._h is not None:
+            self._h.update(mv)
         self.n += len(mv)
         self.f.write(mv)
         return len(mv)
+
+    def hexdigest(self) -> str:
+        """After the file's final flush: the sha256 of everything written."""
+        return self._h.hexdigest() if self._h is not None else self.f.sha256.hexdigest()
 
 
 class DirectFile:
@@ -170,6 +177,9 @@ class DirectFile:
         self._pool = cf.ThreadPoolExecutor(1, thread_name_prefix="shard-write")
         self._pending: cf.Future[None] | None = None
         self._flushed = False
+        # hashed in the writer thread, block by block in file order (the padding is not hashed):
+        # the caller's thread was spending ~0.26 s per 500 MB here (profile of a quarter scene)
+        self.sha256 = hashlib.sha256()
 
     @staticmethod
     def open(path: Path) -> Any:
@@ -191,14 +201,15 @@ class DirectFile:
             self._fill += k
             off += k
             if self._fill == len(buf):
-                self._submit(len(buf))
+                self._submit(len(buf), len(buf))
         self.size += n
         return n
 
-    def _submit(self, length: int) -> None:
-        """Queue the current buffer's first `length` bytes (a multiple of ALIGN); swap buffers."""
+    def _submit(self, length: int, data_len: int) -> None:
+        """Queue the current buffer's first `length` bytes (a multiple of ALIGN, of which the
+        first `data_len` are data, the rest padding); swap buffers."""
         self._wait()  # the other buffer is free again (a write error surfaces here)
-        self._pending = self._pool.submit(self._write_all, memoryview(self._bufs[self._cur])[:length])
+        self._pending = self._pool.submit(self._write_all, memoryview(self._bufs[self._cur])[:length], data_len)
         self._cur = 1 - self._cur
         self._fill = 0
 
@@ -207,7 +218,8 @@ class DirectFile:
             pending, self._pending = self._pending, None
             pending.result()
 
-    def _write_all(self, view: memoryview) -> None:
+    def _write_all(self, view: memoryview, data_len: int) -> None:
+        self.sha256.update(view[:data_len])
         done = 0
         while done < len(view):
             done += os.write(self.fd, view[done:])
@@ -218,7 +230,7 @@ class DirectFile:
             return
         pad = -self._fill % self.ALIGN
         self._bufs[self._cur][self._fill : self._fill + pad] = bytes(pad)
-        self._submit(self._fill + pad)
+        self._submit(self._fill + pad, self._fill)
         self._wait()
         os.ftruncate(self.fd, self.size)
         self._flushed = True
@@ -343,7 +355,7 @@ class ShardWriter:
         assert self._tmp is not None
         self.loc.publish(self._tmp, rel)  # rename (local) or one upload (remote): complete or absent
         self._tmp = None
-        rec = ShardRecord(rel, self._count, self._hf.n, self._hf.h.hexdigest())
+        rec = ShardRecord(rel, self._count, self._hf.n, self._hf.hexdigest())
         hist = self._hist
         self._hf = None
         self.index += 1

@@ -128,8 +128,8 @@ def build(
         check_output(cfg, overwrite)
     loc = Location(target)
     summary = BuildSummary(output=target if remote else Path(target), dry_run=dry_run)
-    if not dry_run:
-        _warm_imports()
+    if not dry_run and not cfg.scheduler:
+        _warm_imports()  # for the in-process worker; a client of a remote cluster needs none of it
     with open_catalog(cfg) as cat:
         result = search(cfg, cat)
         src = cat.source
@@ -466,8 +466,7 @@ def _remove_stale_cubes(loc: Location, grids: list[Grid], version: int) -> None:
     """Cubes of this version's folder that no grid of this build uses (an earlier config's)."""
     keep = {f"{g.id}.zarr" for g in grids} | {f"{g.id}.zarr.complete" for g in grids}
     base = f"cube/v{version:04d}"
-    names = {rel[len(base) + 1:].split("/", 1)[0] for rel in loc.list(base)}
-    for name in sorted(names):
+    for name in loc.names(base):  # one level: a cube's chunk files are not listed
         if name.endswith((".zarr", ".zarr.complete")) and name not in keep or ".zarr.tmp-" in name:
             if name.endswith(".complete"):
                 loc.remove(f"{base}/{name}")

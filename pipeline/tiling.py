@@ -241,6 +241,69 @@ _SHARED = _SharedBlocks()
 _PREFETCH = cf.ThreadPoolExecutor(1, thread_name_prefix="cube-prefetch")
 
 
+class LiveFeed:
+    """Chunk rows of a cube while it is being written, handed to its tiling from memory.
+
+    The writer (`cube.write_cube_streaming`) puts each date's chunk rows in order, after their
+    chunks are on disk; the tiling takes them instead of reading them back (no decode, and
+    tiling overlaps the write). At most `max_pending` rows wait: the writer blocks until the
+    tiling catches up, so memory stays bounded. A row already taken (a dataset that fell
+    behind the shared blocks) is read from disk, where it already is.
+    """
+
+    def __init__(self, max_pending: int = 4) -> None:
+        self._cond = threading.Condition()
+        self._rows: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._produced: set[tuple[int, int]] = set()
+        self._max = max_pending
+        self._done = False
+        self._closed = False  # no reader will take anything any more
+        self._error: BaseException | None = None
+
+    def put(self, t: int, y0: int, dn: np.ndarray, scl: np.ndarray) -> None:
+        """Row block [1, C, rows, W] / [1, rows, W] of date `t` starting at row `y0` (written)."""
+        with self._cond:
+            while len(self._rows) >= self._max and not self._closed:
+                self._cond.wait()
+            if not self._closed:
+                self._rows[(t, y0)] = (dn, scl)
+            self._produced.add((t, y0))
+            self._cond.notify_all()
+
+    def take(self, t: int, y0: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """The row block when it is produced; None when it was taken before or never comes
+        (then it is on disk). Raises what made the writer fail."""
+        with self._cond:
+            while (t, y0) not in self._produced and not self._done and self._error is None:
+                self._cond.wait()
+            if self._error is not None:
+                raise RuntimeError(f"the cube's writer failed: {self._error}") from self._error
+            got = self._rows.pop((t, y0), None)
+            self._cond.notify_all()
+            return got
+
+    def finish(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """The readers are done (or gone): the writer stops waiting and keeps nothing."""
+        with self._cond:
+            self._closed = True
+            self._rows.clear()
+            self._cond.notify_all()
+
+
+#: store path -> the feed of a cube being written right now (`cube.write_cube_streaming`)
+LIVE: dict[str, LiveFeed] = {}
+
+
 class RowBlocks:
     """Row strips of a cube, read a chunk-row block at a time and sliced in memory.
 
@@ -287,6 +350,12 @@ class RowBlocks:
         return b.dn[:, :, o, :width], {k: m[:, o, :width] for k, m in b.masks.items()}
 
     def _load(self, t_idx: list[int], b0: int, b1: int, width: int) -> Block:
+        feed = LIVE.get(self._store)
+        if feed is not None and len(t_idx) == 1:
+            got = feed.take(t_idx[0], b0)  # from the writer's memory: no read-back, no decode
+            if got is not None:
+                dn, scl = got[0][:, :, : b1 - b0, :width], got[1][:, : b1 - b0, :width]
+                return Block(b0, b1, dn, _date_masks(dn, scl))
         if self._raw is not None:
             dn_arr, scl_arr = self._raw
             t0 = t_idx[0]

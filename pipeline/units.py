@@ -35,13 +35,13 @@ import numpy as np
 
 from pipeline.config import BuildConfig, TilingSpec
 from pipeline.cube import (
-    Grid, check_scene_assets, clear_gdal_http_cache, cube_is_complete, cube_rel, load_grid, open_cube,
-    publish_cube, write_cube,
+    Grid, check_scene_assets, clear_gdal_http_cache, cube_is_complete, cube_rel, cube_row_chunks, load_grid,
+    open_cube, publish_cube, write_cube, write_cube_streaming,
 )
 from pipeline.errors import SceneError
 from pipeline.location import Location
 from pipeline.shards import N_BINS, ShardRecord, ShardWriter
-from pipeline.tiling import Chip, Dropped, iter_chips
+from pipeline.tiling import LIVE, Chip, Dropped, LiveFeed, iter_chips
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +145,18 @@ def run_unit(job: UnitJob) -> UnitRecord:
     threads = job.threads or _worker_share()
     scratch = Path(tempfile.mkdtemp(prefix=f"spectralgpt-{job.unit.id[:40]}-")) if loc.remote else None
     try:
+        if _streamable(job, loc):
+            try:
+                datasets, hists, empty = _run_streamed(job, loc, scratch, threads)
+                failed = {g: _UNREADABLE for g in empty}
+                rec = UnitRecord(job.unit.id, datasets, hists, failed, round(time.monotonic() - t0, 2))
+                save_record(loc, job.version, rec)
+                return rec
+            except SceneError:
+                pass  # contradictory metadata: the path below records it without retrying
+            except Exception as e:  # a read failed mid-way: the path below retries from scratch
+                log.info("%s: %s; retrying the grid", job.unit.id, short_error(e))
+                clear_caches()
         failed: dict[str, str] = {}
         cubes: list[tuple[Grid, str]] = []
         for grid in job.unit.grids:
@@ -183,6 +195,64 @@ def _worker_share() -> int:
         return max(1, cores // max(1, get_worker().state.nthreads))
     except (ImportError, ValueError):
         return cores
+
+
+def _streamable(job: UnitJob, loc: Location) -> bool:
+    """Whether the unit's cube is written and tiled at once (`_run_streamed`): one grid of
+    several chunk-row blocks, single-date datasets only (they walk the cube date by date, in
+    the order it is written), no chip bigger than the grid, and no finished cube to reuse."""
+    cfg = job.cfg
+    if len(job.unit.grids) != 1 or any(s.time_steps != 1 for s in cfg.tiling):
+        return False
+    grid = job.unit.grids[0]
+    if grid.shape[0] <= cube_row_chunks(cfg)[1]:
+        return False
+    if any(min(grid.shape) < s.size * s.factor for s in cfg.tiling):
+        return False
+    return not cube_is_complete(loc, cube_rel(grid, job.version), grid.cube_hash(cfg))
+
+
+def _run_streamed(job: UnitJob, loc: Location, scratch: Path | None,
+                  threads: int) -> tuple[dict[str, dict[str, Any]], dict[str, Any], list[str]]:
+    """One grid's cube written chunk row by chunk row while its tiling consumes the rows from
+    memory (`tiling.LiveFeed`): the cube is not read back, and the tiling overlaps the reads.
+    The cube is published (renamed or uploaded, marker last) once both are done."""
+    cfg = job.cfg
+    grid = job.unit.grids[0]
+    rel = cube_rel(grid, job.version)
+    store = (scratch / rel) if scratch is not None else loc.local_root / f"{rel}.tmp-{os.getpid()}"
+    for sc in grid.scenes:
+        check_scene_assets(sc, patch_url=job.patch_url, gdal_env=job.gdal_env)
+    ych, load_y = cube_row_chunks(cfg)
+    feed = LiveFeed(max_pending=max(2, 2 * load_y // ych))  # two row blocks of the writer
+    LIVE[str(store)] = feed
+    tiler: cf.Future[Any] | None = None
+    try:
+        with cf.ThreadPoolExecutor(1, thread_name_prefix="tile-live") as ex:
+            def start() -> None:
+                nonlocal tiler
+                tiler = ex.submit(_tile_unit, [(grid, str(store))], job, loc, scratch)
+                tiler.add_done_callback(lambda _: feed.close())  # a failed tiling must not block the writer
+            try:
+                counts = write_cube_streaming(load_grid(grid, cfg, patch_url=job.patch_url, gdal_env=job.gdal_env),
+                                              store, cfg, threads, feed, on_ready=start)
+                feed.finish()
+            except BaseException as e:
+                feed.fail(e)
+                if tiler is not None:
+                    with contextlib.suppress(BaseException):
+                        tiler.result()
+                raise
+            assert tiler is not None
+            result = tiler.result()
+    except BaseException:
+        shutil.rmtree(store, ignore_errors=True)
+        raise
+    finally:
+        LIVE.pop(str(store), None)
+        feed.close()
+    publish_cube(loc, rel, store, grid.cube_hash(cfg), counts)
+    return result
 
 
 def _ensure_cube(grid: Grid, job: UnitJob, loc: Location, scratch: Path | None, threads: int) -> tuple[str, str]:
