@@ -259,20 +259,12 @@ def serve_static_catalog(
         log.info("serving static STAC catalog %s at %s (pid %d)", path, url, proc.pid)
         yield url
     finally:
-        # SIGTERM now; uvicorn's graceful shutdown (~0.15 s) is waited for in the background:
-        # the build has what it needs from the server and goes on meanwhile
-        if proc.poll() is None:
-            proc.terminate()
-
-        def reap() -> None:
-            _stop(proc)
-            if proc.stdout is not None:
-                proc.stdout.close()
-            with contextlib.suppress(OSError):
-                err_path.unlink()
-            log.debug("STAC server pid %d stopped (exit %s)", proc.pid, proc.returncode)
-
-        threading.Thread(target=reap, name="stac-server-stop", daemon=True).start()
+        _stop(proc)
+        if proc.stdout is not None:
+            proc.stdout.close()
+        with contextlib.suppress(OSError):
+            err_path.unlink()
+        log.debug("STAC server pid %d stopped (exit %s)", proc.pid, proc.returncode)
 
 
 def _wait_ready(

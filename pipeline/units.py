@@ -224,6 +224,7 @@ def _run_streamed(job: UnitJob, loc: Location, scratch: Path | None,
     for sc in grid.scenes:
         check_scene_assets(sc, patch_url=job.patch_url, gdal_env=job.gdal_env)
     ych, load_y = cube_row_chunks(cfg)
+    log.debug("%s: cube written and tiled at once (rows from memory)", grid.id)
     feed = LiveFeed(max_pending=max(2, 2 * load_y // ych))  # two row blocks of the writer
     LIVE[str(store)] = feed
     tiler: cf.Future[Any] | None = None
