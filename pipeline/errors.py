@@ -32,6 +32,26 @@ class OutputError(PipelineError):
     """The output location is not writable or holds an incompatible dataset."""
 
 
+class DiskFull(PipelineError):
+    """No space left where the build writes (ENOSPC): nothing is published, temporary files
+    are removed, finished units are kept; free space and run again to resume."""
+
+    exit_code = 6
+
+
+def disk_full_in(error: BaseException | None) -> OSError | None:
+    """The ENOSPC error behind `error` (itself, or what caused it), if any."""
+    import errno
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return error
+        error = error.__cause__ or error.__context__
+        seen += 1
+    return None
+
+
 class ScenesFailed(PipelineError):
     """The run finished but some scenes could not be read (or --fail-fast stopped it)."""
 

@@ -91,13 +91,17 @@ class Location:
             return None
 
     def list(self, prefix: str) -> list[str]:
-        """Relative names of the files under `prefix` (recursively), sorted."""
+        """Relative names of the files under `prefix` (recursively), sorted. Local: links are
+        not followed (a link inside a dataset never leads a listing, and so a delete, out)."""
         if not self.remote:
             base = self.local_root / prefix
-            if not base.is_dir():
+            if base.is_symlink() or not base.is_dir():
                 return []
-            root = self.local_root
-            return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file())
+            found = []
+            for folder, dirs, files in os.walk(base, followlinks=False):
+                found += [os.path.join(folder, f) for f in files if not os.path.islink(os.path.join(folder, f))]
+            root = str(self.local_root)
+            return sorted(Path(os.path.relpath(f, root)).as_posix() for f in found)
         fs, root = self._fs()
         try:
             found = fs.find(f"{root}/{prefix}")

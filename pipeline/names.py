@@ -47,7 +47,7 @@ def mgrs_tile(value: object) -> str | None:
     """The MGRS tile `value` names (`29UPU`, `T29UPU`, `MGRS-29UPU`, `29/U/PU`), or None."""
     if not isinstance(value, str):
         return None
-    text = value.strip().upper().removeprefix("MGRS-").replace("/", "")
+    text = value.upper().removeprefix("MGRS-").replace("/", "")
     text = text[1:] if text.startswith("T") and len(text) in (6, 7) else text
     return text if _MGRS.fullmatch(text) else None
 

@@ -25,6 +25,7 @@ from pipeline.catalogs import Source, get_source, load_aoi, sensor
 from pipeline.config import BuildConfig
 from pipeline.errors import CatalogError
 from pipeline.harmonise import Harmonisation, decide
+from pipeline.names import mgrs_tile
 
 log = logging.getLogger(__name__)
 
@@ -253,17 +254,63 @@ def _epsg(item: dict[str, Any], asset: dict[str, Any] | None = None) -> int | No
     return None
 
 
-def _tile(item: dict[str, Any]) -> str:
+def _tile(item: dict[str, Any]) -> str | None:
+    """The item's MGRS tile ('' when it names none), or None when a field that should name
+    one holds anything else: the tile becomes part of paths and sample keys, so only a real
+    MGRS name passes (`names.mgrs_tile`); `../..`, an absolute path or a look-alike does not."""
     p = item.get("properties", {})
+    given: list[object] = []
     if p.get("s2:mgrs_tile"):
-        return str(p["s2:mgrs_tile"])
-    if p.get("mgrs:utm_zone") and p.get("mgrs:latitude_band") and p.get("mgrs:grid_square"):
-        return f"{int(p['mgrs:utm_zone']):02d}{p['mgrs:latitude_band']}{p['mgrs:grid_square']}"
-    code = str(p.get("grid:code", ""))
-    if code.startswith("MGRS-"):
-        return code[5:]
+        given.append(p["s2:mgrs_tile"])
+    elif p.get("mgrs:utm_zone") and p.get("mgrs:latitude_band") and p.get("mgrs:grid_square"):
+        given.append(f"{p['mgrs:utm_zone']}{p['mgrs:latitude_band']}{p['mgrs:grid_square']}")
+    elif str(p.get("grid:code", "")).startswith("MGRS-"):
+        given.append(p["grid:code"])
+    if given:
+        return mgrs_tile(given[0])
     m = _MGRS_IN_ID.search(str(item.get("id", "")) + "_")
-    return m.group(1) if m else ""
+    return (mgrs_tile(m.group(1)) or "") if m else ""
+
+
+#: Sentinel-2A's first acquisition; items dated before it, or after tomorrow, are not real L2A
+MISSION_START = "2015-06-23"
+#: The largest grid side an item may declare (a 10980 px MGRS tile, with margin): bounds what
+#: a hostile or broken `proj:shape` can make the build allocate or loop over before any read
+MAX_SIDE = 30000
+
+
+def _is_utm(epsg: int) -> bool:
+    return 32601 <= epsg <= 32660 or 32701 <= epsg <= 32760
+
+
+def _sanity(item: dict[str, Any], epsg: int, assets: dict[str, dict[str, Any]], ref: dict[str, Any],
+            shape: Any, transform: Any, dt_text: str) -> str:
+    """'' when the item's grid, shapes and date are what a Sentinel-2 L2A item can have."""
+    import datetime as dt
+
+    if not _is_utm(epsg):
+        return f"not a UTM CRS (EPSG:{epsg}): Sentinel-2 L2A tiles are on UTM zones (EPSG:326xx/327xx)"
+    for name, a in [("item", item.get("properties", {})), *assets.items()]:
+        sh = a.get("proj:shape")
+        if sh is None:
+            continue
+        try:
+            rows, cols = int(sh[0]), int(sh[1])
+        except (TypeError, ValueError, IndexError):
+            return f"malformed proj:shape of {name}"
+        if not (1 <= rows <= MAX_SIDE and 1 <= cols <= MAX_SIDE):
+            return f"proj:shape of {name} {rows}x{cols} out of bounds (1..{MAX_SIDE} px per side)"
+    try:
+        px = (abs(float(transform[0])), abs(float(transform[4])))
+    except (TypeError, ValueError, IndexError):
+        return "malformed proj:transform"
+    if any(abs(v - 10.0) > 0.01 for v in px):
+        return f"10 m bands on a {px[0]:g} x {px[1]:g} m grid (not Sentinel-2's 10 m)"
+    when = _iso_utc(dt_text)[:10]
+    tomorrow = (dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=1)).strftime("%Y-%m-%d")
+    if not MISSION_START <= when <= tomorrow:
+        return f"datetime {when} outside the mission's lifetime ({MISSION_START} to {tomorrow})"
+    return ""
 
 
 def validate_item(item: Any) -> str:
@@ -346,6 +393,12 @@ def normalise_item(
     dt_text = str(props.get("datetime") or props.get("start_datetime") or "")
     if not dt_text:
         return None, "no datetime"
+    insane = _sanity(item, epsg, canon_assets, ref, shape, transform, dt_text)
+    if insane:
+        return None, insane
+    tile = _tile(item)
+    if tile is None:
+        return None, "invalid MGRS tile name"
     canon_item = dict(item)
     canon_item["assets"] = canon_assets
     bbox = item.get("bbox") or list(shapely.geometry.shape(geom).bounds)
@@ -355,7 +408,7 @@ def normalise_item(
             collection=str(item.get("collection", cat.collection)),
             datetime=_iso_utc(dt_text),
             epsg=epsg,
-            tile=_tile(item),
+            tile=tile,
             hrefs=hrefs,
             grid_shape=(int(shape[0]), int(shape[1])),
             grid_transform=tuple(float(v) for v in transform[:6]),  # type: ignore[arg-type]

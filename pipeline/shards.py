@@ -14,6 +14,7 @@ never double counts and percentiles are exact, not sketched.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.location import Location
+from pipeline.names import safe_name
 
 N_BINS = 65536
 PERCENTILES = (1, 2, 50, 98, 99)
@@ -247,8 +249,10 @@ class DirectFile:
         finally:
             os.close(self.fd)
             self.fd = -1
+            self._pending = None  # a failed write's future holds a view of a buffer
             for b in self._bufs:
-                b.close()
+                with contextlib.suppress(BufferError):  # a view still alive in a traceback: freed with it
+                    b.close()
 
 
 @dataclass
@@ -279,6 +283,8 @@ class ShardWriter:
     def __post_init__(self) -> None:
         if not isinstance(self.root, Location):
             self.root = Location(str(self.root))
+        safe_name(self.rel_dir, "dataset name")  # the shard's folder and file name: never a path of their own
+        safe_name(self.prefix, "shard name prefix")
 
     @property
     def loc(self) -> Location:
@@ -321,6 +327,7 @@ class ShardWriter:
             self._hf.write(tarfile.NUL * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
 
     def write(self, key: str, data: np.ndarray, meta: dict[str, Any]) -> None:
+        safe_name(key, "sample key")  # a tar member name: `../x` or `/tmp/x` never reaches a reader's disk
         head, body = npy_parts(data)
         js = encode_meta(meta)
         npy_size = len(head) + len(body)
@@ -367,11 +374,13 @@ class ShardWriter:
         """Drop the open (incomplete) shard without publishing it."""
         if self._hf is None:
             return
-        self._raw.close()
-        if self._tmp is not None:
-            self._tmp.unlink(missing_ok=True)
-            self._tmp = None
-        self._hf = None
+        try:
+            self._raw.close()
+        finally:
+            if self._tmp is not None:
+                self._tmp.unlink(missing_ok=True)
+                self._tmp = None
+            self._hf = None
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -24,6 +24,8 @@ import io
 import json
 import logging
 import os
+import re
+import shutil
 import threading
 import time
 import uuid
@@ -41,9 +43,10 @@ from pipeline.catalogs import Source, sensor
 from pipeline.config import BuildConfig
 from pipeline.contract import FORMAT_ID
 from pipeline.cube import GDAL_CLOUD_ENV, Grid, group_grids
-from pipeline.errors import NoScenesFound, OutputError, ScenesFailed
+from pipeline.errors import DiskFull, NoScenesFound, OutputError, ScenesFailed, disk_full_in
 from pipeline.location import Location, is_url
 from pipeline.locking import dataset_lock
+from pipeline.names import is_safe_name
 from pipeline.search import SearchResult, open_catalog, search
 from pipeline.shards import N_BINS, stats_from_histogram
 from pipeline.signing import make_patch_url
@@ -84,8 +87,19 @@ class BuildSummary:
 
 
 def check_output(cfg: BuildConfig, overwrite: bool) -> Path:
-    """Validate a local output location before any work; writes nothing."""
+    """Validate a local output location before any work; writes nothing.
+
+    Refused: `/` and the home folder (also through a link), and a non-empty folder that holds
+    no dataset of ours (no `manifest.json` of our format, no unfinished build's
+    `_work/state.json`), unless `force`: a build creates, renames and deletes inside it."""
     out = cfg.output_path
+    resolved = out.resolve()
+    if resolved == Path(resolved.anchor) or resolved == Path.home().resolve():
+        raise OutputError(f"--output {str(out)!r} is {str(resolved)!r}: give a folder for the dataset, not / or the home folder")
+    if out.is_dir() and not _holds_our_dataset(out) and any(p.name != ".lock" for p in out.iterdir()):
+        if not cfg.force:
+            raise OutputError(f"--output {str(out)!r} is not empty and holds no dataset of ours (no manifest.json): "
+                              "choose a new or empty folder, or pass --force to write into it anyway")
     probe = out
     while not probe.exists():
         if probe.parent == probe:
@@ -100,6 +114,20 @@ def check_output(cfg: BuildConfig, overwrite: bool) -> Path:
         if out.resolve() == cat_dir or cat_dir in out.resolve().parents:
             raise OutputError(f"--output {str(out)!r} is inside the input catalog folder {str(cat_dir)!r}: choose another")
     return out
+
+
+def _holds_our_dataset(out: Path) -> bool:
+    """A manifest of our format, an unfinished build's state, or only folders a build makes
+    before its manifest (cubes, statistics, the lock)."""
+    from pipeline.contract import READABLE_FORMATS
+
+    if {p.name for p in out.iterdir()} <= {"cube", "stats", "_work", ".lock"}:
+        return True
+    man = Location(str(out)).read_json("manifest.json")
+    if isinstance(man, dict) and man.get("format") in READABLE_FORMATS:
+        return True
+    state = Location(str(out)).read_json("_work/state.json")
+    return isinstance(state, dict) and "config_hash" in state
 
 
 def scenes_hash(grids: list[Grid] | None = None, ids: list[str] | None = None) -> str:
@@ -158,10 +186,39 @@ def build(
         _check_scheduler(cfg.scheduler)  # before anything is written
     # the lock lives beside a local dataset; for a URL, in this machine's cache (one client per dataset)
     lock_dir = storage.lock_dir(target) if remote else loc.local_root
-    with dataset_lock(lock_dir, wait=wait):
-        _build_locked(cfg, loc, result, grids, src, summary, overwrite=overwrite, refresh=refresh)
+    created = not remote and not loc.local_root.exists()  # then everything in it is this run's own
+    try:
+        _locked_build(cfg, loc, lock_dir, result, grids, src, summary, overwrite=overwrite, refresh=refresh, wait=wait)
+    except NothingWritten:
+        if created:
+            shutil.rmtree(loc.local_root, ignore_errors=True)  # the lock and empty folders: "nothing is written"
+        raise
     summary.seconds = time.monotonic() - summary.t0
     return summary
+
+
+class NothingWritten(ScenesFailed):
+    """Every scene failed: nothing was published, and a folder this run created is removed."""
+
+
+def _locked_build(cfg: BuildConfig, loc: Location, lock_dir: Path, result: SearchResult, grids: list[Grid],
+                  src: Source | None, summary: BuildSummary, *, overwrite: bool, refresh: bool, wait: bool) -> None:
+    target = loc.target
+    remote = loc.remote
+    with dataset_lock(lock_dir, wait=wait):
+        try:
+            _build_locked(cfg, loc, result, grids, src, summary, overwrite=overwrite, refresh=refresh)
+        except (DiskFull, OSError) as e:
+            full = disk_full_in(e) if not isinstance(e, DiskFull) else None
+            if not isinstance(e, DiskFull) and full is None:
+                raise
+            free = ""
+            if not remote:
+                with contextlib.suppress(OSError):
+                    free = f"; {shutil.disk_usage(loc.local_root).free / 1e6:.0f} MB free there now"
+            text = str(e) if isinstance(e, DiskFull) else f"no space left on device writing {full.filename or target}"
+            raise DiskFull(f"{text}{free}; nothing was published (the previous manifest, if any, is unchanged); "
+                           "free space and run again to resume (finished units are kept)") from None
 
 
 def _warm_imports() -> None:
@@ -235,7 +292,11 @@ def _build_locked(
     units = plan_units(grids, cfg.pack_pixels)
     tag = config_hash[:8]
     state = {"config_hash": config_hash, "scenes_hash": s_hash, "version": version}
-    if loc.read_json("_work/state.json") != state:
+    found = loc.read_json("_work/state.json")
+    if found != state:
+        if loc.exists("_work") and not (isinstance(found, dict) and "config_hash" in found):
+            # a `_work/` without our state file is someone else's: never deleted
+            raise OutputError(f"{loc.url('_work')!r} exists and was not made by a build: move it away first")
         if loc.exists("_work"):
             log.info("discarding an unfinished build with another config/scene set in %s", loc.url("_work"))
         loc.remove_tree("_work")
@@ -264,18 +325,24 @@ def _build_locked(
     ok = [g for g in grids if g.id not in failed_grids]
     summary.failed = {sc.id: failed_grids[g.id] for g in grids if g.id in failed_grids for sc in g.scenes}
     if not ok:
-        raise ScenesFailed(f"every scene failed ({len(summary.failed)}); nothing published; first: "
-                           + next(iter(summary.failed.values()), "?"))
+        loc.remove_tree("_work")  # nothing to resume: every unit ran and failed
+        raise NothingWritten(f"every scene failed ({len(summary.failed)}); nothing published; first: "
+                             + next(iter(summary.failed.values()), "?"))
     added = _merge_records(cfg, [records[u.id] for u in units], loc, version, summary)
     _remove_stale_cubes(loc, ok, version)
     manifest = _manifest(cfg, man if refresh else None, version, s_hash, result, ok, added, summary, loc)
     loc.write_json("manifest.json", manifest)  # the commit point: readers see the old or the new dataset
     replaced = man if overwrite and not refresh else None
     _remove_unlisted_shards(loc, manifest, version, old=replaced)
-    for v in range(2, int((replaced or {}).get("latest_version", 1)) + 1):  # the replaced dataset's later versions
-        loc.remove_tree(f"cube/v{v:04d}")
-        for spec in (replaced or {}).get("datasets", {}):
-            loc.remove(f"stats/{spec}-v{v:04d}.npz")
+    if replaced is not None:  # the replaced dataset's later versions (names checked: the old manifest is input)
+        last = replaced.get("latest_version", 1)
+        for v in range(2, min(last, 9999) + 1 if isinstance(last, int) else 2):
+            loc.remove_tree(f"cube/v{v:04d}")
+            for spec in _own_dataset_names(replaced):
+                for stale in loc.names("stats"):
+                    if re.fullmatch(rf"{re.escape(spec)}-v{v:04d}(-[0-9a-f]{{8}})?\.npz", stale):
+                        loc.remove(f"stats/{stale}")
+    _remove_stale_stats(loc, manifest)
     loc.remove_tree("_work")
     summary.version = version
 
@@ -300,7 +367,7 @@ def _merge_records(cfg: BuildConfig, records: list[UnitRecord], loc: Location, v
             dropped.update(d.get("dropped", {}))
             hist += rec.dense_hist(spec.name, n_bands)
         # this version's train histogram is kept: statistics of any version = sum of versions <= it
-        _save_hist(loc, f"stats/{spec.name}-v{version:04d}.npz", hist)
+        _save_hist(loc, stats_rel(spec.name, version, cfg.hash()[:8]), hist)
         summary.dropped[spec.name] = dict(dropped)
         summary.chips[spec.name] = {sp: splits[sp]["num_samples"] for sp in SPLITS}
         n = len(sensor().band_names)
@@ -360,6 +427,8 @@ def _run_units(client: Any, jobs: list[UnitJob], fail_fast: bool) -> dict[str, U
             job = by_key[fut.key]
             try:
                 rec = fut.result()
+            except DiskFull:
+                raise  # every other unit would fail the same way: stop (the caller says so, once)
             except Exception as e:  # the task itself failed: record it, never a quiet success
                 from pipeline.units import short_error
 
@@ -452,6 +521,7 @@ def _dask_client(cfg: BuildConfig) -> Iterator[Any]:
                                    worker_dashboard_address="127.0.0.1:0",
                                    scheduler_kwargs={"dashboard_address": "127.0.0.1:0"})
         client = Client(cluster, set_as_default=False)
+        _quiet_task_failures()
         if cfg.dashboard:
             log.info("Dask dashboard: %s", client.dashboard_link)
     try:
@@ -460,6 +530,20 @@ def _dask_client(cfg: BuildConfig) -> Iterator[Any]:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+class _NoComputeFailed(logging.Filter):
+    """Drops distributed's "Compute Failed" dump of a unit task: the build reports every
+    failure itself, once, in one line (the dump repeats it with a traceback)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Compute Failed")
+
+
+def _quiet_task_failures() -> None:
+    worker_log = logging.getLogger("distributed.worker")
+    if not any(isinstance(f, _NoComputeFailed) for f in worker_log.filters):
+        worker_log.addFilter(_NoComputeFailed())
 
 
 def _remove_stale_cubes(loc: Location, grids: list[Grid], version: int) -> None:
@@ -474,12 +558,34 @@ def _remove_stale_cubes(loc: Location, grids: list[Grid], version: int) -> None:
                 loc.remove_tree(f"{base}/{name}")
 
 
+def _remove_stale_stats(loc: Location, manifest: dict[str, Any]) -> None:
+    """Statistics files of our naming that no version of the manifest uses (a replaced
+    build's, or an interrupted one's), after the manifest is written."""
+    keep = {stats_rel(name, int(v["version"]), v.get("tag")).split("/", 1)[1]
+            for v in manifest["versions"] for name in manifest["datasets"]}
+    for name in loc.names("stats"):
+        if name not in keep and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*-v\d{4}(-[0-9a-f]{8})?\.npz", name):
+            loc.remove(f"stats/{name}")
+
+
+def _own_dataset_names(man: dict[str, Any]) -> list[str]:
+    """Dataset folder names an existing manifest gives that could be ours: plain names only
+    (`names.is_safe_name`). A manifest is input: `../victim` or `/abs/path` never reaches a delete."""
+    datasets = man.get("datasets")
+    names = list(datasets) if isinstance(datasets, dict) else []
+    bad = [n for n in names if not is_safe_name(n)]
+    if bad:
+        log.warning("the existing manifest names %d dataset(s) that are not plain folder names (e.g. %r): "
+                    "they are left alone", len(bad), str(bad[0])[:60])
+    return [n for n in names if is_safe_name(n)]
+
+
 def _remove_unlisted_shards(loc: Location, manifest: dict[str, Any], version: int, old: dict[str, Any] | None) -> None:
     """After the manifest is written: this build's names that it does not list (a unit's
     extra shards from a killed earlier attempt, temporary files) and, for --overwrite, the
     replaced dataset's shards. Only names of our own pattern inside the dataset folders."""
     listed = {sh["path"] for d in manifest["datasets"].values() for sp in d["splits"].values() for sh in sp["shards"]}
-    folders = set(manifest["datasets"]) | set((old or {}).get("datasets", {}))
+    folders = set(manifest["datasets"]) | set(_own_dataset_names(old or {}))
     for folder in sorted(folders):
         for rel in loc.list(folder):
             name = rel.split("/")[-1]
@@ -526,6 +632,7 @@ def _manifest(
     versions = list(prev.get("versions", [])) if prev else []
     entry: dict[str, Any] = {
         "version": version,
+        "tag": cfg.hash()[:8],  # in this version's shard and statistics file names
         "created": now,
         "config_hash": cfg.hash(),
         "scenes_hash": s_hash,
@@ -534,7 +641,7 @@ def _manifest(
         "datasets": {},
     }
     for name, d in added.items():
-        stats = _stats_upto(loc, name, version)
+        stats = _stats_upto(loc, name, [*versions, entry])
         entry["datasets"][name] = {
             "splits": d["splits"],
             "dropped": d["dropped"],
@@ -591,10 +698,18 @@ def _manifest(
     }
 
 
-def _stats_upto(loc: Location, name: str, version: int) -> dict[str, Any] | None:
+def stats_rel(name: str, version: int, tag: str | None) -> str:
+    """`stats/<dataset>-v<N>-<tag>.npz`: tagged by the build, so an --overwrite writes its
+    statistics beside the old dataset's (untagged: datasets made before tags)."""
+    return f"stats/{name}-v{version:04d}" + (f"-{tag}" if tag else "") + ".npz"
+
+
+def _stats_upto(loc: Location, name: str, versions: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Statistics as of the last of `versions`: the sum of every version's train histogram."""
     hist = None
-    for v in range(1, version + 1):
-        h = _load_hist(loc, f"stats/{name}-v{v:04d}.npz")
+    for v in versions:
+        tag = v.get("tag") if isinstance(v.get("tag"), str) and is_safe_name(v.get("tag")) else None
+        h = _load_hist(loc, stats_rel(name, int(v["version"]), tag))
         if h is not None:
             hist = h if hist is None else hist + h
     if hist is None or hist.sum() == 0:

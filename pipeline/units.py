@@ -38,7 +38,7 @@ from pipeline.cube import (
     Grid, check_scene_assets, clear_gdal_http_cache, cube_is_complete, cube_rel, cube_row_chunks, load_grid,
     open_cube, publish_cube, write_cube, write_cube_streaming,
 )
-from pipeline.errors import SceneError
+from pipeline.errors import DiskFull, SceneError, disk_full_in
 from pipeline.location import Location
 from pipeline.shards import N_BINS, ShardRecord, ShardWriter
 from pipeline.tiling import LIVE, Chip, Dropped, LiveFeed, iter_chips
@@ -139,7 +139,21 @@ SHARD_NAME = re.compile(r"^(train|val)-v(\d{4})-([0-9a-f]{8})-(.+)-(\d{6})\.tar(
 
 
 def run_unit(job: UnitJob) -> UnitRecord:
-    """Build one unit end to end on this worker; see the module docstring."""
+    """Build one unit end to end on this worker; see the module docstring.
+
+    Raises `DiskFull` (ENOSPC where it writes: the whole build stops, it will not heal by
+    retrying); every other failure of a grid is retried, then recorded in the record."""
+    try:
+        return _run_unit(job)
+    except BaseException as e:
+        full = disk_full_in(e)
+        if full is None:
+            raise
+        where = full.filename or job.target
+        raise DiskFull(f"no space left on device writing {where} (unit {job.unit.id})") from None
+
+
+def _run_unit(job: UnitJob) -> UnitRecord:
     t0 = time.monotonic()
     loc = Location(job.target)
     threads = job.threads or _worker_share()
@@ -155,6 +169,8 @@ def run_unit(job: UnitJob) -> UnitRecord:
             except SceneError:
                 pass  # contradictory metadata: the path below records it without retrying
             except Exception as e:  # a read failed mid-way: the path below retries from scratch
+                if disk_full_in(e):
+                    raise
                 log.info("%s: %s; retrying the grid", job.unit.id, short_error(e))
                 clear_caches()
         failed: dict[str, str] = {}
@@ -281,7 +297,11 @@ def _ensure_cube(grid: Grid, job: UnitJob, loc: Location, scratch: Path | None, 
         except Exception as e:  # HTTP errors, resets, truncated files: GDAL/odc-stac raise many types
             last = e
             shutil.rmtree(store, ignore_errors=True)
+            if disk_full_in(e):
+                raise
             signer = getattr(job.patch_url, "__self__", None)
+            if permanent_error(e) and not (signer is not None and "403" in str(e)):
+                return f"unreadable (permanent, not retried): {short_error(e)}", ""
             if signer is not None:
                 # an expired or revoked signature (HTTP 403) often reaches us as a bare
                 # "read failed": sign again before every retry, it costs one token request
@@ -466,6 +486,26 @@ def trim_heap() -> None:
     release_recycled()  # the tiling's recycled block buffers go first
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+#: What GDAL and the HTTP stack say when an input will not heal by asking again: a missing
+#: file or object (404, no such file), or a file that is not a GeoTIFF at all
+_PERMANENT = re.compile(
+    r"no such file|does not exist|not recognized as (a supported|being in a supported) file format|"
+    r"not a tiff|not a valid tiff|http response code: 40[0134]\b|\b40[34] (not found|forbidden)", re.I)
+
+
+def permanent_error(e: BaseException) -> bool:
+    """True for read errors that retrying cannot fix (see `_PERMANENT`). An HTTP 403 is not
+    permanent when a signer is in play (an expired signature): the caller re-signs first."""
+    seen: BaseException | None = e
+    for _ in range(5):
+        if seen is None:
+            return False
+        if isinstance(seen, FileNotFoundError) or _PERMANENT.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def short_error(e: BaseException | None) -> str:

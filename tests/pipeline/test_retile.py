@@ -68,7 +68,8 @@ def test_a_missing_cube_chunk_is_rebuilt_or_fails_never_read_as_zeros(tmp_path: 
     assert main([*args, "--config", str(tmp_path / "c.yaml"), "--overwrite"]) == 5
     man = json.loads((out / "manifest.json").read_text())
     failed = [it for it in man["items"] if it.get("failed")]
-    assert len(failed) == 1 and failed[0]["grid"] is None and "read failed" in failed[0]["failed"]
+    assert len(failed) == 1 and failed[0]["grid"] is None and "No such file" in failed[0]["failed"]
+    assert "permanent, not retried" in failed[0]["failed"]
     grid_id = cube.name.removesuffix(".zarr")
     assert not any(s["json"]["key"].startswith(grid_id.split("_")[0]) and s["json"]["scene_ids"] == failed[0]["id"]
                    for s in read_dataset(out).values())
