@@ -263,3 +263,17 @@ def test_output_checks_refuse_root_home_and_foreign_folders(tmp_path: Path, repo
     assert main(["--aoi", "europe", "--config", str(tmp_path / "force.yaml"), "--output", str(foreign)]) == 0
     assert (foreign / "holiday.jpg").read_bytes() == b"\xff\xd8" and (foreign / "manifest.json").is_file()
     report("--output /, ~, a link to /, a foreign folder", "4 outputs", "exit 2 each, one line; force: writes, keeps the files")
+
+
+def test_the_test_servers_listen_on_loopback_only(tmp_path: Path) -> None:
+    """The S3 API (moto), the COG file server and the SAS token endpoint the tests start."""
+    from tests.helpers.faulty_http import serve_files
+    from tests.helpers.s3 import moto_s3
+    from tests.helpers.tokens import token_endpoint
+
+    me = psutil.Process()
+    before = {(c.laddr.ip, c.laddr.port) for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    with moto_s3(), serve_files(tmp_path), token_endpoint() as _:
+        now = {(c.laddr.ip, c.laddr.port) for c in me.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    started = now - before
+    assert len(started) >= 3 and all(ip == "127.0.0.1" for ip, _ in started), started
