@@ -12,6 +12,16 @@ rename) by rank 0 only after a barrier that every rank reaches after its own wri
 killed mid-save leaves ``latest`` pointing at the previous complete checkpoint; the partial
 folder is overwritten or pruned later.
 
+Disk full: a save that fails on any rank (ENOSPC; ``torch.save`` reports it as a bare
+``RuntimeError``, so a probe write tells, see :func:`training.errors.disk_full_cause`) is
+agreed on by all ranks with one all-reduce, the partial folder and temporary files are
+removed, ``latest`` is not touched and every rank raises
+:class:`~training.errors.DiskFullError` (exit code 6): one line with the folder, the errno
+text, the bytes written before it failed and the size of the previous checkpoint (about
+what a save needs). Limit: a rank that fails before one of DeepSpeed's own collectives
+inside ``save_checkpoint`` (ZeRO-3 gathers) leaves the others waiting there until the
+launcher ends the job.
+
 Safety: DeepSpeed 0.19 reads its own files with ``torch.load(weights_only=False)`` (its
 ``TorchCheckpointEngine``, ``zero_to_fp32`` and ``ds_to_universal``), which would run any
 pickled code a tampered checkpoint holds. Before DeepSpeed touches a checkpoint (resume,
@@ -30,6 +40,8 @@ it from the module attribute instead.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -44,7 +56,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from training.errors import CheckpointError
+from training.errors import (
+    CheckpointError,
+    DiskFullError,
+    TrainingError,
+    disk_full_cause,
+    no_space,
+    tree_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,9 +114,90 @@ def _barrier() -> None:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Write ``path`` through ``.<name>.tmp`` and a rename; the temporary file is removed
+    when the write fails (a full disk leaves neither it nor a half-written ``path``)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # a full disk may only say so when the data is flushed
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_text_atomic(path: Path, text: str, what: str) -> None:
+    """:func:`_write_atomic` for files of the run directory (``config.yaml``).
+
+    Raises:
+        DiskFullError: no space for ``what`` at ``path`` (nothing written under its name).
+    """
+    try:
+        _write_atomic(path, text)
+    except OSError as exc:
+        cause = no_space(exc)
+        if cause is None:
+            raise
+        raise DiskFullError.at(what, path, cause, needed=len(text.encode())) from None
+
+
+def _latest_tag(ckpt_dir: Path) -> str | None:
+    try:
+        return (ckpt_dir / LATEST).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _agree(code: int, engine: Any) -> int:
+    """The largest ``code`` of all ranks (0: this rank's writes succeeded, 1: disk full,
+    2: another failure). Collective; it also waits for every rank's writes, as a barrier."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return code
+    device = getattr(engine, "device", None)  # NCCL reduces device tensors only
+    flag = torch.tensor([code], dtype=torch.int64, device="cpu" if device is None else device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag.item())
+
+
+def _settle(error: BaseException | None, engine: Any, ckpt_dir: Path, tag: str,
+            previous: str | None) -> None:
+    """Every rank calls this after a phase of :func:`save`: if any rank failed, remove the
+    unpublished checkpoint folder (rank 0) and raise on every rank; else return.
+
+    A full disk becomes :class:`DiskFullError` (one line: where, the errno text, the bytes
+    written before it failed and about what a checkpoint needs, i.e. the size of the previous
+    one); any other failure is re-raised as it was (or, on the ranks where it did not
+    happen, as :class:`CheckpointError`).
+    """
+    folder = ckpt_dir / tag
+    # Probe while the failed write's files still fill the disk (torch.save says no errno).
+    full = disk_full_cause(error, folder) if error is not None else None
+    code = _agree(0 if error is None else 1 if full is not None else 2, engine)
+    if code == 0:
+        return
+    written = needed = None
+    if _is_rank0():
+        written = tree_bytes(folder)
+        needed = tree_bytes(ckpt_dir / previous) if previous else None
+        if tag != previous:  # never the checkpoint `latest` names (a re-save of that step)
+            shutil.rmtree(folder, ignore_errors=True)
+        for tmp in (ckpt_dir / f".{LATEST}.tmp", folder / f".{STATE_FILE}.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    if error is not None and full is None:
+        raise error
+    if code == 2 and full is None:
+        raise CheckpointError(f"checkpoint {tag} could not be written by another process; "
+                              f"'{ckpt_dir / LATEST}' still names {previous or 'nothing'}")
+    if full is None:  # another rank ran out of space
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    after = (f"'{LATEST}' still names {previous}" if previous else "no checkpoint of this "
+             "run is complete yet") + "; free space, then resume with --resume"
+    raise DiskFullError.at(f"checkpoint {tag}", folder, full, written=written, needed=needed,
+                           after=after) from None
 
 
 def mark_universal(model: nn.Module) -> None:
@@ -115,20 +215,38 @@ def mark_universal(model: nn.Module) -> None:
 def save(engine: Any, ckpt_dir: Path, state: TrainerState, keep: int) -> str:
     """Save on all ranks, then publish ``latest`` atomically; return the tag.
 
-    Must be called by every rank (ZeRO partitions are written by their owners).
+    Must be called by every rank (ZeRO partitions are written by their owners). When any
+    rank fails to write its part, every rank raises and the partial ``global_stepN/`` is
+    removed; ``latest`` keeps naming the previous complete checkpoint.
+
+    Raises:
+        DiskFullError: no space for the checkpoint (on this or another rank).
     """
     tag = tag_for(state.global_step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": asdict(state)},
-                           save_latest=False)
+    previous = _latest_tag(ckpt_dir) if _is_rank0() else None
+    error: BaseException | None = None
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"trainer": asdict(state)},
+                               save_latest=False)
+    except Exception as exc:  # torch.save reports a full disk as a RuntimeError
+        error = exc
+        _barrier()  # DeepSpeed's closing barrier, where the other ranks wait
+    if error is None and _is_rank0():
+        try:
+            _write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(asdict(state), indent=1))
+        except OSError as exc:
+            error = exc
+    _settle(error, engine, ckpt_dir, tag, previous)  # every rank's files are on disk
     if _is_rank0():
-        _write_atomic(ckpt_dir / tag / STATE_FILE, json.dumps(asdict(state), indent=1))
-    _barrier()  # every rank's files are on disk
-    if _is_rank0():
-        _write_atomic(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep)
-        logger.info("checkpoint %s saved (stage %s, step %d/%d)", ckpt_dir / tag,
-                    state.stage_name, state.step_in_stage, state.stage_steps)
-    _barrier()
+        try:
+            _write_atomic(ckpt_dir / LATEST, tag)
+        except OSError as exc:
+            error = exc
+        else:
+            prune(ckpt_dir, keep)
+            logger.info("checkpoint %s saved (stage %s, step %d/%d)", ckpt_dir / tag,
+                        state.stage_name, state.step_in_stage, state.stage_steps)
+    _settle(error, engine, ckpt_dir, tag, previous)
     return tag
 
 
@@ -210,25 +328,52 @@ def universal_tag(ckpt_dir: Path, tag: str) -> str:
     """
     utag = tag + UNIVERSAL_SUFFIX
     target = ckpt_dir / utag
+    error: TrainingError | None = None
     if _is_rank0() and not (target / STATE_FILE).is_file():
-        check_weights_only(ckpt_dir / tag)  # ds_to_universal unpickles everything
-        tmp = ckpt_dir / f".{utag}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        logger.info("world size changed: converting %s to a universal checkpoint", tag)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-               "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        try:
+            _convert_universal(ckpt_dir, tag, target)
+        except TrainingError as exc:
+            error = exc  # raised after the barrier, where the other ranks wait
+    _barrier()
+    if error is not None:
+        raise error
+    if not (target / STATE_FILE).is_file():
+        raise CheckpointError(f"universal checkpoint {target} was not produced")
+    return utag
+
+
+def _convert_universal(ckpt_dir: Path, tag: str, target: Path) -> None:
+    """Rank 0's part of :func:`universal_tag`; the temporary folder goes on any failure."""
+    check_weights_only(ckpt_dir / tag)  # ds_to_universal unpickles everything
+    tmp = ckpt_dir / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    logger.info("world size changed: converting %s to a universal checkpoint", tag)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+           "--input_folder", str(ckpt_dir / tag), "--output_folder", str(tmp),
+           "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    try:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["?"]
+            failure = RuntimeError(tail[0])
+            full = disk_full_cause(failure, ckpt_dir)  # the converter's errors are text
+            if full is not None:
+                raise DiskFullError.at(f"the universal checkpoint of {tag}", tmp, full,
+                                       written=tree_bytes(tmp), needed=tree_bytes(ckpt_dir / tag),
+                                       after="free space, then resume again")
             raise CheckpointError(f"ds_to_universal failed for {ckpt_dir / tag}: {tail[0]}")
         shutil.copy2(ckpt_dir / tag / STATE_FILE, tmp / STATE_FILE)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
-    _barrier()
-    if not (target / STATE_FILE).is_file():
-        raise CheckpointError(f"universal checkpoint {target} was not produced")
-    return utag
+    except OSError as exc:
+        full = no_space(exc)
+        if full is None:
+            raise
+        raise DiskFullError.at(f"the universal checkpoint of {tag}", tmp, full,
+                               written=tree_bytes(tmp), needed=tree_bytes(ckpt_dir / tag),
+                               after="free space, then resume again") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone once renamed; else a partial folder
 
 
 def full_fp32_state_dict(engine: Any) -> dict[str, torch.Tensor]:

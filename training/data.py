@@ -48,8 +48,9 @@ from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
 from pipeline.contract import READABLE_FORMATS  # the dataset contract's one home
+from pipeline.names import UnsafeName, confined, safe_relpath  # the one check for outside names
 from training.config import ModelConfig, RunConfig, StageConfig
-from training.errors import DataError
+from training.errors import DataError, UnsafeShardPath
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,37 @@ def _missing_shards(shards: list[str]) -> list[str]:
     return missing
 
 
+def _shard_locations(where: str, entries: list[Any]) -> list[str]:
+    """The shard paths of ``entries`` joined to the manifest's folder (or URL prefix).
+
+    A manifest comes from whoever built or copied the dataset; its shard paths are names
+    from outside. Each must be a relative path of plain names (``pipeline.names``: no
+    ``..``, no absolute path, no backslash, NUL or newline), so neither a local join nor a
+    URL join can leave the dataset; a local one is checked once more after resolving
+    links (a symlink inside the dataset that leads out). Nothing is opened before this.
+
+    Raises:
+        UnsafeShardPath: the first shard path that would leave the dataset.
+    """
+    what = f"manifest '{where}': shard path"
+    remote = is_remote(where)
+    root = where.rsplit("/", 1)[0] if remote else _local(where).parent
+    shards = []
+    try:
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise DataError(f"{what}s: an entry of type {type(entry).__name__} is not a "
+                                f"mapping with a 'path' (docs/DATASET_FORMAT.md)")
+            rel = entry.get("path")
+            if remote:
+                shards.append(f"{root}/{safe_relpath(rel, what)}")
+            else:
+                shards.append(str(confined(Path(root), rel, what).resolve()))
+    except UnsafeName as exc:
+        raise UnsafeShardPath(str(exc)) from None
+    return shards
+
+
 def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: ModelConfig,
                    *, version: int | str = "latest") -> ShardSet:
     """Read and validate one split of ``manifest.json`` for ``model``.
@@ -199,6 +231,7 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
         DataError: missing manifest / data set / split / version / shard files, zero
             samples, wrong format id, band count or layout that the model cannot take,
             chips smaller than the stage's image size.
+        UnsafeShardPath: a shard path that leaves the dataset folder (a ``DataError``).
     """
     where = str(manifest_path)
     manifest = _read_manifest(where)
@@ -232,12 +265,7 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
     num_samples = int(splits[split].get("num_samples", 0))
     if not shard_entries or num_samples < 1:
         raise DataError(f"split '{split}' of data set '{dataset}' in '{where}' has no samples")
-    if is_remote(where):
-        root = where.rsplit("/", 1)[0]
-        shards = [f"{root}/{s['path']}" for s in shard_entries]
-    else:
-        root_dir = _local(where).parent
-        shards = [str((root_dir / s["path"]).resolve()) for s in shard_entries]
+    shards = _shard_locations(where, shard_entries)
     missing = _missing_shards(shards)
     if missing:
         raise DataError(f"{len(missing)} shard(s) of '{dataset}/{split}' listed in '{where}' "

@@ -18,11 +18,16 @@ the file also loads into the official ``models_mae_spectral.py`` model.
 
 Works for ZeRO-1/2/3 checkpoints from any number of processes (DeepSpeed's
 ``zero_to_fp32`` consolidation; the fp32 master weights, not the bf16 copies).
+
+Exit codes: 0 written (the path on stdout), 2 no or a refused checkpoint, 6 disk full (one
+line with the location, the errno text, bytes written and needed; the temporary files
+are removed and nothing appears under the output's name).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -36,7 +41,13 @@ import torch
 from training import checkpoint
 from training.config import ModelConfig, RunConfig, config_from_dict
 from training.data import read_shard_set
-from training.errors import CheckpointError, TrainingError
+from training.errors import (
+    CheckpointError,
+    DiskFullError,
+    TrainingError,
+    disk_full_cause,
+    no_space,
+)
 from training.models.spectral_mae import SpectralMAE
 
 logger = logging.getLogger(__name__)
@@ -49,6 +60,7 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
 
     Raises:
         CheckpointError: no complete checkpoint at ``source``.
+        DiskFullError: no space for the export; nothing is left under ``out``'s name.
     """
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -66,7 +78,12 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
         name = f"spectral_mae_{run.model_preset}_{stage.name}_{tag}{suffix}"
         out = ckpt_dir.parent / "export" / name
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        if no_space(exc) is None:
+            raise
+        raise DiskFullError.at("the export folder", out.parent, exc) from None
     info: dict[str, Any] = {
         "format": EXPORT_FORMAT, "model": asdict(model_cfg), "preset": run.model_preset,
         "stage": stage.name, "global_step": state.global_step,
@@ -80,20 +97,53 @@ def export(source: str | Path, out: str | Path | None = None, fmt: str = "safete
     if data:
         info["stats"] = {"mean": data["mean"], "std": data["std"]}
         info["data"] = {k: data[k] for k in ("dataset", "split", "version") if k in data}
-    tmp = out.with_name(f".{out.name}.tmp")
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file(weights, str(tmp), metadata={"spectralgpt": json.dumps(info)})
-    elif fmt == "pt":
-        torch.save({"model": weights, "config": info}, tmp)
-    else:
+    if fmt not in ("safetensors", "pt"):
         raise ValueError(f"unknown format {fmt!r} (safetensors or pt)")
-    os.replace(tmp, out)
-    out.with_suffix(".json").write_text(json.dumps(info, indent=1))
+    _write_export(out, weights, info, fmt)
     logger.info("exported %s (%s, step %d, %d tensors) -> %s", ckpt_dir / tag, stage.name,
                 state.global_step, len(weights), out)
     return out
+
+
+def _write_export(out: Path, weights: dict[str, torch.Tensor], info: dict[str, Any],
+                  fmt: str) -> None:
+    """Write the weights and their JSON to temporary names, then rename both into place.
+
+    Both files are complete before either appears under its name, so a full disk leaves
+    neither a half-written file nor weights without their JSON; the temporary files are
+    removed on any failure.
+
+    Raises:
+        DiskFullError: no space in ``out``'s folder (bytes written and needed in the message).
+    """
+    meta = out.with_suffix(".json")
+    tmp, meta_tmp = out.with_name(f".{out.name}.tmp"), meta.with_name(f".{meta.name}.tmp")
+    try:
+        if fmt == "safetensors":
+            from safetensors.torch import save_file
+
+            save_file(weights, str(tmp), metadata={"spectralgpt": json.dumps(info)})
+        else:
+            torch.save({"model": weights, "config": info}, tmp)
+        with open(meta_tmp, "w") as fh:
+            fh.write(json.dumps(info, indent=1))
+        for path in (tmp, meta_tmp):  # a full disk may only show when data is flushed
+            with open(path, "rb+") as fh:
+                os.fsync(fh.fileno())
+        os.replace(meta_tmp, meta)
+        os.replace(tmp, out)
+    except Exception as exc:  # torch and safetensors report a full disk in their own types
+        # (safetensors removes its own partial file: then nothing is left to count)
+        written = sum(p.stat().st_size for p in (tmp, meta_tmp) if p.is_file()) or None
+        full = disk_full_cause(exc, out.parent)  # probed before the files below are removed
+        for path in (tmp, meta_tmp):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        if full is None:
+            raise
+        needed = sum(t.numel() * t.element_size() for t in weights.values())
+        raise DiskFullError.at("the export", out, full, written=written, needed=needed,
+                               after="free space or pass --out elsewhere") from None
 
 
 def _data_from_manifest(run: RunConfig, stage_name: str) -> dict[str, Any]:
@@ -137,7 +187,7 @@ def load_exported(path: str | Path) -> SpectralMAE:
 
 def main(argv: list[str] | None = None, prog: str = "python -m training.export") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split(
-        "\n\n")[0])
+        "\n\n")[0], epilog="exit codes: 0 written, 2 no or a refused checkpoint, 6 disk full")
     parser.add_argument("source", help="run dir, its checkpoints/ dir, or a global_stepN dir")
     parser.add_argument("--out", default=None, help="output file (default: <run>/export/...)")
     parser.add_argument("--format", choices=("safetensors", "pt"), default="safetensors")
@@ -149,7 +199,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.export")
         out = export(args.source, args.out, args.format)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     print(out)
     return 0
 

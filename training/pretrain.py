@@ -13,8 +13,16 @@ stage's weights, spatial position tables interpolated or re-initialised), wrap i
 DeepSpeed engine with a fresh AdamW (as the official code does between stages), stream the
 stage's shards and run :func:`training.engine.train_stage`.
 
+``--resume`` refuses a checkpoint whose data or optimisation config (:data:`RESUME_KEYS`,
+:data:`RESUME_STAGE_KEYS`) differs from the run's, naming the changed keys;
+``--resume --allow-config-change`` continues anyway, logs a warning and records an
+``{"event": "config_change"}`` line in ``metrics.jsonl``.
+
 Exit codes: 0 done (or stopped at ``stop_at_step``), 1 non-finite loss, 2 configuration,
-data or checkpoint error (one line on stderr, no traceback).
+data or checkpoint error, 6 disk full (a checkpoint, ``metrics.jsonl``, an image or the
+config could not be written: its temporary files are removed, ``latest`` still names the
+previous complete checkpoint; free space and ``--resume``). Errors are one line on
+stderr, no traceback.
 """
 
 from __future__ import annotations
@@ -62,8 +70,8 @@ from training.engine import StageContext, train_stage  # noqa: E402
 from training.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
-    NonFiniteLossError,
     TrainingError,
+    no_space,
 )
 from training.models.spectral_mae import SpectralMAE, adapt_state_dict  # noqa: E402
 from training.optim import Schedule, param_groups  # noqa: E402
@@ -77,7 +85,10 @@ logger = logging.getLogger("training.pretrain")
 def build_parser(prog: str = "deepspeed training/pretrain.py") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
-        description="Progressive SpectralGPT pretraining on pipeline shards (DeepSpeed ZeRO).")
+        description="Progressive SpectralGPT pretraining on pipeline shards (DeepSpeed ZeRO).",
+        epilog="exit codes: 0 done or stopped at stop_at_step, 1 non-finite loss, 2 "
+               "configuration, data or checkpoint error, 6 disk full (free space, then "
+               "--resume)")
     parser.add_argument("--config", default=None,
                         help="YAML run config (default: training/configs/tiny_cpu.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
@@ -86,7 +97,12 @@ def build_parser(prog: str = "deepspeed training/pretrain.py") -> argparse.Argum
                              "--set deepspeed_config=ds_zero3.json (repeatable)")
     parser.add_argument("--resume", nargs="?", const="", default=None, metavar="PATH",
                         help="continue from the latest checkpoint of the run directory, or "
-                             "of PATH (a run dir, its checkpoints/ dir or a global_stepN dir)")
+                             "of PATH (a run dir, its checkpoints/ dir or a global_stepN dir); "
+                             "the data and optimisation config must be the checkpoint's")
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="with --resume: continue although the data or optimisation "
+                             "config differs from the checkpoint's (logged as a warning and "
+                             "recorded in metrics.jsonl)")
     # Passed by the deepspeed launcher; the rank is read from the environment instead.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=argparse.SUPPRESS)
@@ -103,6 +119,19 @@ def _setup_logging(rank: int) -> None:
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class _LogFile(logging.FileHandler):
+    """``train.log``: a line that cannot be written for want of space is dropped quietly.
+
+    logging's default prints a traceback for every such line; the console shows the same
+    lines, and the failure that ends the run (a checkpoint or ``metrics.jsonl`` that cannot
+    be written) is reported as one line of its own.
+    """
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if no_space(sys.exc_info()[1]) is None:
+            super().handleError(record)
 
 
 def _free_port() -> int:
@@ -295,21 +324,103 @@ class BadDataLog:
 # --------------------------------------------------------------------------- the run
 
 
-def _check_resume_config(run: RunConfig, saved: dict) -> None:
+#: Top-level config keys that define the data and the optimisation: a resumed run must
+#: have the checkpoint's values (``--allow-config-change`` to change them deliberately).
+#: The rest is free on resume: where the run writes (``name``, ``output_dir``), when it
+#: logs, saves and stops (``log_every``, ``checkpoint_every``, ``image_every``,
+#: ``keep_checkpoints``, ``stop_at_step``), how it runs (``num_workers``: the data streams
+#: are re-seeded and logged; ``deepspeed_config``) and ``on_bad_data``.
+RESUME_KEYS = ("manifest", "dataset_version", "normalisation", "seed", "micro_batch",
+               "global_batch", "weight_decay", "betas", "decay_pos_embed", "grad_clip", "bf16",
+               "crop_scale", "crop_ratio", "hflip", "shuffle_buffer", "shuffle_initial")
+#: The same for each stage (``stages.N.<key>``).
+RESUME_STAGE_KEYS = ("dataset", "split", "img_size", "samples", "epochs", "blr",
+                     "warmup_samples", "warmup_epochs", "min_lr", "pos_embed", "micro_batch",
+                     "global_batch")
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def config_changes(run: RunConfig, saved: dict[str, Any], saved_stage: int,
+                   saved_data: dict[str, Any] | None = None,
+                   shard_sets: list[ShardSet] | None = None) -> dict[str, dict[str, Any]]:
+    """The data and optimisation keys whose value differs from the checkpoint's.
+
+    Returns ``{key: {"checkpoint": old, "now": new}}`` for :data:`RESUME_KEYS`, every
+    stage's :data:`RESUME_STAGE_KEYS` (``stages.N.key``) and, when the checkpoint recorded
+    it, the data the resumed stage actually reads (``stages.N.data``: dataset version and
+    per-band statistics, e.g. a ``dataset_version: latest`` manifest refreshed meanwhile).
+    Keys a checkpoint does not record (written before they existed) are not compared.
+
+    Raises:
+        ConfigError: a change no flag allows: the model section, the stages' names, or the
+            image size of a stage the checkpoint has weights for.
+    """
     current = run.to_dict()
-    for key in ("model", "stages"):
-        if key == "stages":
-            names = [s["name"] for s in saved["stages"]]
-            if names != [s["name"] for s in current["stages"]]:
-                raise ConfigError(f"--resume: the checkpoint's stages {names} differ from the "
-                                  f"config's; resume with the config the run started with")
-        elif saved[key] != current[key]:
-            raise ConfigError("--resume: the model section differs from the checkpoint's; "
-                              "resume with the config the run started with")
+    names = [s.get("name") for s in saved.get("stages") or []]
+    if names != [s["name"] for s in current["stages"]]:
+        raise ConfigError(f"--resume: the checkpoint's stages {names} differ from the "
+                          f"config's; resume with the config the run started with")
+    if saved.get("model") != current["model"]:
+        raise ConfigError("--resume: the model section differs from the checkpoint's; "
+                          "resume with the config the run started with")
+    changed: dict[str, dict[str, Any]] = {}
+
+    def compare(key: str, old: Any, new: Any) -> None:
+        if old != new:
+            changed[key] = {"checkpoint": old, "now": new}
+
+    for key in RESUME_KEYS:
+        if key in saved:
+            compare(key, saved[key], current[key])
+    for index, (old_stage, new_stage) in enumerate(zip(saved["stages"], current["stages"])):
+        for key in RESUME_STAGE_KEYS:
+            if key == "img_size" and index <= saved_stage and \
+                    old_stage.get(key) != new_stage.get(key):
+                raise ConfigError(f"--resume: stages.{index}.img_size changed from "
+                                  f"{old_stage.get(key)} to {new_stage.get(key)}, but the "
+                                  f"checkpoint holds that stage's weights at "
+                                  f"{old_stage.get(key)} px; keep it")
+            # to_dict leaves out unset (None) stage keys: absent on both sides is equal
+            compare(f"stages.{index}.{key}", old_stage.get(key), new_stage.get(key))
+    if saved_data and shard_sets is not None and saved_stage < len(shard_sets):
+        now = shard_sets[saved_stage].describe()
+        old = {k: saved_data[k] for k in ("dataset", "split", "version", "mean", "std")
+               if k in saved_data}
+        new = {k: now.get(k) for k in old}
+        compare(f"stages.{saved_stage}.data", old, new)
+    return changed
 
 
-def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> int:
-    """Run all (remaining) stages. Returns the exit code."""
+def _check_resume_config(run: RunConfig, state: TrainerState, shard_sets: list[ShardSet],
+                         *, tag: str, allow_change: bool) -> dict[str, dict[str, Any]]:
+    """Refuse a resume whose data or optimisation config differs from the checkpoint's.
+
+    A run that silently continues with another batch size, learning rate, data set or
+    normalisation is a different experiment under the old one's name. With
+    ``allow_change`` the changes are returned (logged and recorded by the caller).
+    """
+    changed = config_changes(run, state.config, state.stage_index, state.data, shard_sets)
+    if changed and not allow_change:
+        listed = ", ".join(f"{k} ({_show(v['checkpoint'])} -> {_show(v['now'])})"
+                           for k, v in changed.items())
+        raise ConfigError(f"--resume: the config differs from checkpoint {tag} in {listed}; "
+                          f"resume with the config the run started with, or pass "
+                          f"--allow-config-change to change it deliberately")
+    return changed
+
+
+def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None, *,
+             allow_config_change: bool = False) -> int:
+    """Run all (remaining) stages. Returns the exit code.
+
+    ``allow_config_change`` lets ``resume`` continue with data or optimisation settings
+    that differ from the checkpoint's (:data:`RESUME_KEYS`); they are logged as a warning
+    and recorded in ``metrics.jsonl`` as ``{"event": "config_change", "keys": [...]}``.
+    """
     import deepspeed
 
     rank, world_size, local_rank = _init_distributed()
@@ -319,12 +430,14 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
 
     resume_state: TrainerState | None = None
     resume_tag = ""
+    changes: dict[str, dict[str, Any]] = {}
     if resume is not None:
         ckpt_dir_found, resume_tag = checkpoint.resolve(Path(resume) if resume else run_dir)
         resume_state = checkpoint.read_state(ckpt_dir_found, resume_tag)
         # Every rank, before DeepSpeed unpickles anything (it does not use weights_only).
         checkpoint.check_weights_only(ckpt_dir_found / resume_tag)
-        _check_resume_config(run, resume_state.config)
+        changes = _check_resume_config(run, resume_state, shard_sets, tag=resume_tag,
+                                       allow_change=allow_config_change)
         if ckpt_dir_found.resolve() != ckpt_dir.resolve():
             ckpt_dir = ckpt_dir_found
             run_dir = ckpt_dir.parent
@@ -334,8 +447,8 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
 
     if rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(run))
-        handler = logging.FileHandler(run_dir / "train.log")
+        checkpoint.write_text_atomic(run_dir / "config.yaml", dump_config(run), "the run config")
+        handler = _LogFile(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
     metrics = report.MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
@@ -344,6 +457,14 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
                     "processes, now %d)", ckpt_dir / resume_tag, resume_state.stage_name,
                     resume_state.step_in_stage, resume_state.stage_steps,
                     resume_state.global_step, resume_state.world_size, world_size)
+        if changes:
+            logger.warning("--allow-config-change: resuming %s with a changed config: %s",
+                           resume_tag, "; ".join(f"{k} {_show(v['checkpoint'])} -> "
+                                                 f"{_show(v['now'])}" for k, v in changes.items()))
+            if metrics is not None:
+                metrics.write({"event": "config_change", "step": resume_state.global_step,
+                               "stage": resume_state.stage_name, "checkpoint": resume_tag,
+                               "keys": list(changes), "changes": changes})
 
     plans = [plan_stage(run, s, ss, world_size) for s, ss in zip(run.stages, shard_sets)]
     start_stage = resume_state.stage_index if resume_state else 0
@@ -382,8 +503,11 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
                 logger.warning("stage '%s' now has %d steps (the checkpoint's run had %d): the "
                                "LR schedule follows the new length", stage.name, plan.steps,
                                resume_state.stage_steps)
+            # The run goes on with this config: later checkpoints record it, so a next
+            # resume compares against what the run actually trained with from here on.
             state = dataclasses.replace(resume_state, world_size=world_size,
-                                        stage_steps=plan.steps, data=shard_set.describe())
+                                        stage_steps=plan.steps, data=shard_set.describe(),
+                                        config=run.to_dict())
             position = DataPosition.from_dict(state.data_position).resumed(world_size,
                                                                            num_workers)
         else:
@@ -438,21 +562,26 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None) -> 
 
 
 def main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain.py") -> int:
-    """CLI entry; returns the exit code (0 ok, 1 non-finite loss, 2 user error)."""
+    """CLI entry; returns the exit code (0 ok, 1 non-finite loss, 2 user error, 6 disk full)."""
     args = build_parser(prog).parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
+    if args.allow_config_change and args.resume is None:
+        if rank == 0:
+            print("error: --allow-config-change only applies to --resume", file=sys.stderr)
+        return 2
     try:
         run = load_config(args.config, args.overrides)
         # Check every stage's data before starting processes' collectives: errors stay one line.
         shard_sets = [read_shard_set(run.manifest, s.dataset, s.split, run.model_for(s),
                                      version=run.dataset_version) for s in run.stages]
         run.deepspeed_config_path()
-        return pretrain(run, shard_sets, args.resume)
+        return pretrain(run, shard_sets, args.resume,
+                        allow_config_change=args.allow_config_change)
     except TrainingError as exc:
         if rank == 0:
             print(f"error: {exc}", file=sys.stderr)
-        return 1 if isinstance(exc, NonFiniteLossError) else 2
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -14,9 +14,11 @@ Reconstructions are two PNGs per call of :func:`save_reconstruction`::
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline.report_html import PALETTE, new_figure, save_png, write_file_atomic
+from training.errors import DiskFullError, no_space
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -48,9 +51,32 @@ class MetricsWriter:
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one JSON line."""
-        with self.path.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        """Append ``record`` as one JSON line, whole or not at all.
+
+        The line goes out in one ``write`` of an ``O_APPEND`` descriptor. When the disk is
+        full, the part that got through is cut off again (the file keeps its previous
+        length, so no half line is left for readers to skip) and :class:`DiskFullError`
+        says where and how many bytes the line needed.
+        """
+        line = (json.dumps(record) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                view = memoryview(line)
+                while view:  # a short write continues where it stopped
+                    view = view[os.write(fd, view):]
+            except OSError as exc:
+                cause = no_space(exc)
+                if cause is None:
+                    raise
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise DiskFullError.at("a metrics line", self.path, cause,
+                                       written=len(line) - len(view), needed=len(line),
+                                       after="free space, then resume with --resume") from None
+        finally:
+            os.close(fd)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -275,6 +301,20 @@ def group_figure(image: np.ndarray, recon: np.ndarray, mask: np.ndarray,
 
 
 def _write_figure(fig: Figure, path: Path) -> None:
+    """Write ``fig`` as a PNG at ``path`` atomically (a temporary file, then a rename).
+
+    Raises:
+        DiskFullError: no space for the PNG (its temporary file is removed by
+            ``write_file_atomic``; a previous file of that name is untouched).
+    """
     buf = io.BytesIO()
     save_png(fig, buf)
-    write_file_atomic(path, buf.getvalue())
+    data = buf.getvalue()
+    try:
+        write_file_atomic(path, data)
+    except OSError as exc:
+        cause = no_space(exc)
+        if cause is None:
+            raise
+        raise DiskFullError.at("an image", path, cause, needed=len(data),
+                               after="free space, then resume with --resume") from None

@@ -21,8 +21,14 @@ curves (total and both terms) with stage boundaries marked, the learning rate an
 norm, throughput (samples/s, tokens/s) with step time and data wait, the latest
 reconstruction of each stage (true colour and per spectral group), and the end of the log.
 
+Every value read from the run directory is escaped where it enters the HTML, numbers
+included (a ``metrics.jsonl`` is a file like any other: a tampered one may hold
+``{"loss": "<script>..."}``); loss records whose values are not numbers are skipped and
+counted on the page, like lines that are not JSON.
+
 Exit codes: 0 written, 2 bad input (no run directory or no ``metrics.jsonl``, output in the
-way); nothing is written then. 1 means a bug.
+way), 6 disk full (one line with the location and the errno text; the previous page stays);
+nothing is written then. 1 means a bug.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from pipeline.report_html import (
     table,
 )
 from training import report
-from training.errors import TrainingError
+from training.errors import DiskFullError, TrainingError, no_space
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +76,21 @@ MAX_WIDTH = 1100
 LOG_TAIL = 25
 #: Band order of the shards (the pipeline -> trainer contract, as in ``training/export.py``).
 SHARD_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B11", "B12")
+
+
+#: Keys of a loss record the page plots or computes with. A record where one of them is
+#: not a number (a tampered or damaged ``metrics.jsonl``) is skipped and counted.
+NUMBER_KEYS = ("stage_step", "samples", "loss", "loss_token", "loss_spectral", "lr",
+               "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_s")
+#: Keys a loss record may leave out; when present they must be numbers too.
+OPTIONAL_NUMBER_KEYS = ("grad_norm", "max_mem_gib", "time")
+#: Integer keys of a ``stage_start`` record and of ``trainer_state.json`` the page computes
+#: with; any other value there is dropped (shown as missing).
+START_INT_KEYS = ("steps", "resumed_at_stage_step", "stage_index", "warmup_steps",
+                  "micro_batch", "accumulation", "effective_batch", "world_size",
+                  "params_encoder", "params_decoder", "params_total")
+STATE_INT_KEYS = ("stage_index", "step_in_stage", "stage_steps", "global_step",
+                  "samples_seen", "world_size")
 
 
 class RunPageError(TrainingError):
@@ -105,6 +126,8 @@ class Run:
     exports: list[Path] = field(default_factory=list)
     log_tail: list[str] = field(default_factory=list)
     log_warnings: int = 0
+    config_changes: list[dict[str, Any]] = field(default_factory=list)
+    """``config_change`` records: a resume that changed the data or optimisation config."""
 
     @property
     def name(self) -> str:
@@ -114,8 +137,16 @@ class Run:
     @property
     def stage_names(self) -> list[str]:
         """Stages of the config (or, without one, those that started), in run order."""
-        names = [s.get("name") for s in self.config.get("stages") or [] if isinstance(s, dict)]
+        stages = self.config.get("stages")
+        names = [s.get("name") for s in stages if isinstance(s, dict)] \
+            if isinstance(stages, list) else []
         return [str(n) for n in names if n] or list(self.starts)
+
+    @property
+    def model(self) -> dict[str, Any]:
+        """The config's ``model`` section ({} when absent or not a mapping)."""
+        model = self.config.get("model")
+        return model if isinstance(model, dict) else {}
 
 
 # --------------------------------------------------------------------------- reading
@@ -143,13 +174,20 @@ def load_run(run_dir: Path) -> Run:
             raw.append(rec)
         else:
             bad += 1
+    # Values reach the HTML and the plots: records whose values are not of the kind the
+    # trainer writes (a tampered or damaged file) are skipped and counted, not shown.
+    kept = [rec for rec in raw if _plausible(rec)]
+    bad += len(raw) - len(kept)
     starts: dict[str, dict[str, Any]] = {}
     resumes = 0
-    for rec in raw:
+    changes = []
+    for rec in kept:
         if rec.get("event") == "stage_start":
-            starts[str(rec.get("stage"))] = rec
+            starts[rec["stage"]] = rec
             resumes += rec.get("resumed_at_stage_step") is not None
-    run = Run(run_dir, report.step_records(raw), starts, resumes, bad)
+        elif rec.get("event") == "config_change":
+            changes.append(rec)
+    run = Run(run_dir, report.step_records(kept), starts, resumes, bad, config_changes=changes)
     run.config = _read_yaml(run_dir / "config.yaml")
     run.checkpoint = _latest_checkpoint(run_dir / "checkpoints")
     run.images = _reconstructions(run_dir / "images")
@@ -164,6 +202,40 @@ def load_run(run_dir: Path) -> Run:
         run.log_tail = [_strip_prefixes(ln, prefixes) for ln in lines[-LOG_TAIL:]]
         run.log_warnings = sum(" WARNING " in ln or " ERROR " in ln for ln in lines)
     return run
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _plausible(rec: dict[str, Any]) -> bool:
+    """Whether a ``metrics.jsonl`` record has the value types the trainer writes.
+
+    Loss records need a stage name and numbers under :data:`NUMBER_KEYS` (and
+    :data:`OPTIONAL_NUMBER_KEYS` when present); ``stage_start`` records a stage name, with
+    their integer keys dropped when they are not integers; ``config_change`` records a
+    list of key names. Other events are kept as they are (the page does not show them).
+    """
+    event = rec.get("event")
+    if event == "stage_start":
+        if not isinstance(rec.get("stage"), str):
+            return False
+        for key in START_INT_KEYS:
+            if key in rec and rec[key] is not None and not _is_int(rec[key]):
+                del rec[key]
+        return True
+    if event == "config_change":
+        keys = rec.get("keys")
+        return isinstance(keys, list) and all(isinstance(k, str) for k in keys)
+    if "loss" not in rec:
+        return True
+    return (event is None and isinstance(rec.get("stage"), str)
+            and all(_is_number(rec.get(k)) for k in NUMBER_KEYS)
+            and all(rec.get(k) is None or _is_number(rec[k]) for k in OPTIONAL_NUMBER_KEYS))
 
 
 def _strip_prefixes(line: str, prefixes: list[str]) -> str:
@@ -186,8 +258,15 @@ def _latest_checkpoint(ckpt_dir: Path) -> dict[str, Any] | None:
         state = json.loads((ckpt_dir / tag / "trainer_state.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if not isinstance(state, dict):
+        return None
     state.pop("config", None)
     state.pop("data_position", None)
+    for key in STATE_INT_KEYS:  # the page computes with these: integers or nothing
+        if key in state and not _is_int(state[key]):
+            del state[key]
+    if not isinstance(state.get("stage_name"), (str, type(None))):
+        del state["stage_name"]
     return {"tag": tag, **state}
 
 
@@ -278,6 +357,12 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(vals) if vals else None
 
 
+def _num(value: Any) -> str:
+    """A value for an HTML f-string: formatted like the tables, then escaped (numbers too:
+    a value read from a file is whatever the file holds)."""
+    return esc(fmt_num(value))
+
+
 def _millions(n: Any) -> str | None:
     return f"{n / 1e6:.2f} M ({fmt_num(int(n))})" if isinstance(n, int) else None
 
@@ -305,7 +390,8 @@ def _status(run: Run) -> str:
     """``finished``, ``stage k of n`` or ``started`` (a page cannot tell running from stopped)."""
     names = run.stage_names
     last = names[-1] if names else None
-    if last in run.starts and _done(run, last) >= run.starts[last].get("steps", 1 << 62):
+    planned = run.starts[last].get("steps") if last in run.starts else None
+    if _is_int(planned) and _done(run, last) >= planned:
         return "finished"
     ck = run.checkpoint or {}
     current = run.records[-1]["stage"] if run.records else ck.get("stage_name")
@@ -315,22 +401,22 @@ def _status(run: Run) -> str:
 def _headline(run: Run) -> str:
     ck = run.checkpoint or {}
     last = run.records[-1] if run.records else {}
-    step = max(last.get("step", 0), ck.get("global_step", 0))
-    out = (f'<strong><span id="step-count">{step}</span> optimizer steps</strong>'
+    step = max(last.get("step", 0), ck.get("global_step") or 0)
+    out = (f'<strong><span id="step-count">{esc(step)}</span> optimizer steps</strong>'
            f"{DOT}{esc(_status(run))}")
     planned = [run.starts[n].get("steps") for n in run.stage_names if n in run.starts]
-    if len(planned) == len(run.stage_names) and all(isinstance(p, int) for p in planned):
-        out += f"{DOT}{fmt_num(sum(planned))} planned"  # type: ignore[arg-type]
+    if len(planned) == len(run.stage_names) and all(_is_int(p) for p in planned):
+        out += f"{DOT}{_num(sum(planned))} planned"  # type: ignore[arg-type]
     if last:
-        out += (f"{DOT}{fmt_num(last['samples'])} samples seen{DOT}loss "
-                f"<strong>{fmt_num(last['loss'])}</strong> (token {fmt_num(last['loss_token'])}, "
-                f"spectral {fmt_num(last['loss_spectral'])})")
+        out += (f"{DOT}{_num(last['samples'])} samples seen{DOT}loss "
+                f"<strong>{_num(last['loss'])}</strong> (token {_num(last['loss_token'])}, "
+                f"spectral {_num(last['loss_spectral'])})")
     return out
 
 
 def _run_facts(run: Run) -> list[tuple[str, Any]]:
     """Config highlights for the summary's key-value list (None values are left out)."""
-    m = run.config.get("model") or {}
+    m = run.model
     s = next(reversed(run.starts.values())) if run.starts else {}
     ck = run.checkpoint
     times = [r["time"] for r in run.records if isinstance(r.get("time"), (int, float))]
@@ -360,6 +446,9 @@ def _run_facts(run: Run) -> list[tuple[str, Any]]:
         ("logged", times and f"{_when(min(times))} to {_when(max(times))} "
                              f"({_duration(max(times) - min(times))})"),
         ("resumed", f"{run.resumes} time(s)" if run.resumes else None),
+        ("config changed on resume", "; ".join(
+            f"step {c.get('step')}: {', '.join(c['keys'])}" for c in run.config_changes)
+         or None),
     ]
 
 
@@ -377,12 +466,13 @@ def _summary(run: Run, page: Page) -> None:
                  f"{s.get('world_size')} = {s.get('effective_batch')}")
         rows.append([name, s.get("dataset"), s.get("img_size"), Cell(esc(batch), True),
                      s.get("blr"), s.get("lr"), s.get("warmup_steps"),
-                     Cell(f"{fmt_num(_done(run, name))} / {fmt_num(s.get('steps'))}", True),
+                     Cell(f"{_num(_done(run, name))} / {_num(s.get('steps'))}", True),
                      s.get("tokens_per_step"), recs[-1]["loss"] if recs else None])
     blocks = [key_values((k, v) for k, v in _run_facts(run) if v not in (None, "", {}, []))]
     if run.bad_lines:
-        blocks.append(f'<p class="warn">{run.bad_lines} line(s) of metrics.jsonl are not JSON '
-                      "records and were skipped (a line being written, or a damaged file).</p>")
+        blocks.append(f'<p class="warn">{esc(run.bad_lines)} line(s) of metrics.jsonl are not '
+                      "JSON records of the trainer's kind and were skipped (a line being "
+                      "written, or a damaged or edited file).</p>")
     if not run.records:
         blocks.append('<p class="warn">No loss logged yet: the first record appears after '
                       f"log_every = {esc(run.config.get('log_every', '?'))} steps.</p>")
@@ -451,7 +541,8 @@ def _throughput_section(run: Run, page: Page, png: Png | None) -> None:
         rows.append([stage, _median([r["samples_per_s"] for r in recs]),
                      None if tokens is None else round(tokens), step_t, wait,
                      f"{wait / step_t:.0%}" if wait is not None and step_t else None,
-                     max((r["max_mem_gib"] for r in recs if "max_mem_gib" in r), default=None)])
+                     max((r["max_mem_gib"] for r in recs if r.get("max_mem_gib") is not None),
+                         default=None)])
     head = ["stage", "samples / s", "tokens / s", "step time s", "data wait s", "wait share",
             "max GPU memory GiB"]
     if all(row[-1] is None for row in rows):  # CPU runs record no GPU memory
@@ -485,19 +576,22 @@ def _images_section(run: Run, page: Page, pngs: dict[Path, Png]) -> None:
                      '<p class="note">No reconstruction images yet (written every image_every '
                      "steps and at the end of each stage).</p>", page_break=True)
         return
-    blocks = [f'<p class="note">The latest image of each stage, newest first; {len(run.images)} '
-              "written in all (in images/). Input and masked input are the sample the model "
-              "saw; the reconstruction shows the prediction at the masked tokens with the "
-              "visible pixels pasted back.</p>"]
-    model = run.config.get("model") or {}
-    if model.get("num_bands", len(SHARD_BANDS)) == len(SHARD_BANDS):
-        groups = report.spectral_groups(len(SHARD_BANDS), int(model.get("band_patch_size", 3)))
+    blocks = [f'<p class="note">The latest image of each stage, newest first; '
+              f"{esc(len(run.images))} written in all (in images/). Input and masked input "
+              "are the sample the model saw; the reconstruction shows the prediction at the "
+              "masked tokens with the visible pixels pasted back.</p>"]
+    model = run.model
+    band_patch = model.get("band_patch_size", 3)
+    if model.get("num_bands", len(SHARD_BANDS)) == len(SHARD_BANDS) and _is_int(band_patch) \
+            and band_patch > 0:
+        groups = report.spectral_groups(len(SHARD_BANDS), band_patch)
         names = DOT.join(f"G{g + 1}: {' '.join(SHARD_BANDS[i] for i in idx)}"
                          for g, idx in enumerate(groups))
-        blocks.append(f'<p class="note">Spectral groups (the bands of one token): {names}.</p>')
+        blocks.append(f'<p class="note">Spectral groups (the bands of one token): '
+                      f'{esc(names)}.</p>')
     for rec in sorted(latest.values(), key=lambda r: -r.step):
         where = f"{rec.stage} step {rec.step}"
-        blocks.append(f"<h3>{esc(rec.stage)}, step {rec.step}</h3>")
+        blocks.append(f"<h3>{esc(rec.stage)}, step {esc(rec.step)}</h3>")
         blocks.append(figure_html(pngs[rec.rgb], caption=RGB_CAPTION,
                                   alt=f"input, masked input and reconstruction in true colour, "
                                       f"{where}"))
@@ -514,11 +608,12 @@ def _images_section(run: Run, page: Page, pngs: dict[Path, Png]) -> None:
 def _log_section(run: Run, page: Page) -> None:
     if not run.log_tail:
         return
-    note = (f'<p class="warn">{run.log_warnings} warning or error line(s) in train.log.</p>'
-            if run.log_warnings else '<p class="note">No warnings or errors in train.log.</p>')
+    note = (f'<p class="warn">{esc(run.log_warnings)} warning or error line(s) in '
+            "train.log.</p>" if run.log_warnings
+            else '<p class="note">No warnings or errors in train.log.</p>')
     tail = esc("\n".join(run.log_tail))
     page.section("log", "Log", note,
-                 f"<details><summary>last {len(run.log_tail)} lines of train.log</summary>"
+                 f"<details><summary>last {esc(len(run.log_tail))} lines of train.log</summary>"
                  f'<div class="scroll"><pre>{tail}</pre></div></details>')
 
 
@@ -555,9 +650,21 @@ def write_run_page(run_dir: Path, out: Path | None = None) -> Path:
     Raises:
         RunPageError: no run directory or no ``metrics.jsonl``.
         FileExistsError: ``out`` exists and is not a previous page.
+        DiskFullError: no space for the page (its temporary folder is removed, a previous
+            page stays as it was).
     """
     run = load_run(Path(run_dir))
     out = Path(out) if out is not None else run.run_dir / "report"
+    try:
+        return _write_page(run, out)
+    except OSError as exc:
+        cause = no_space(exc)
+        if cause is None:
+            raise
+        raise DiskFullError.at("the run page", out, cause) from None
+
+
+def _write_page(run: Run, out: Path) -> Path:
     with atomic_dir(out) as tmp:
         pngs: dict[str, Png | None] = {"loss": None, "lr": None, "throughput": None}
         if run.records:
@@ -574,7 +681,7 @@ def write_run_page(run_dir: Path, out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry; returns the exit code (0 written, 2 bad input)."""
+    """CLI entry; returns the exit code (0 written, 2 bad input, 6 disk full)."""
     parser = argparse.ArgumentParser(
         prog="python -m training.run_page",
         description="Write the static HTML page of a pretraining run (index.html + PNGs): "
@@ -585,7 +692,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         path = write_run_page(Path(args.run_dir), Path(args.out) if args.out else None)
-    except (RunPageError, FileExistsError) as exc:
+    except TrainingError as exc:  # RunPageError, DiskFullError
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except FileExistsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
