@@ -9,8 +9,9 @@ Examples:
 Exit codes: 0 done (or already up to date, or nothing new for a refresh), 2 bad input /
 unreachable catalog / unwritable output, 3 no scenes found, 4 another build or refresh holds
 the dataset's lock, 5 finished but some scenes could not be read (skipped, listed in the
-manifest) or --fail-fast stopped at the first one, 130 interrupted (run again to resume), 1 unexpected error (a bug:
-traceback printed).
+manifest) or --fail-fast stopped at the first one, 6 no space left on the output's device
+(nothing published; run again once there is space), 130 interrupted (run again to resume),
+1 unexpected error (a bug: traceback printed).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import warnings
 
 from pipeline.config import load_config, parse_bbox
 from pipeline.errors import PipelineError
+from pipeline.redact import install_redaction
 
 log = logging.getLogger("pipeline.build_shards")
 
@@ -47,7 +49,10 @@ def parser(prog: str = "python -m pipeline.build_shards") -> argparse.ArgumentPa
     o.add_argument("--output", help="dataset directory (default: datasets/<aoi>)")
     o.add_argument("--config", help="YAML file with any of the keys of BuildConfig; flags override it")
     o.add_argument("--dry-run", action="store_true", help="print the scenes found and chips it would make; write nothing")
-    o.add_argument("--overwrite", action="store_true", help="replace a finished dataset built with another config")
+    o.add_argument("--overwrite", action="store_true", help="replace a finished dataset built with another config "
+                   "(built beside it; the old one stays readable until the new manifest replaces it)")
+    o.add_argument("--force", action="store_true", default=None,
+                   help="write into a non-empty folder that holds no dataset of ours (refused otherwise)")
     o.add_argument("--workers", type=int, help="Dask threads of the local cluster (default: all cores)")
     o.add_argument("--scheduler", help="address of an existing Dask scheduler, e.g. tcp://10.0.0.5:8786 (default: a local "
                    "cluster on 127.0.0.1); its workers need the package and the output location, not this disk")
@@ -83,6 +88,9 @@ def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | No
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # before anything can log: signed hrefs, SAS tokens and URL credentials are masked in
+    # every record from here on, ours and third-party ones, at every verbosity (pipeline.redact)
+    install_redaction()
     for noisy in ("urllib3", "rasterio", "distributed", "uvicorn", "httpx", "asyncio", "fsspec", "aiobotocore", "botocore", "s3fs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # distributed installs its own logging configuration (INFO: ~40 lines per build) when it
@@ -106,6 +114,7 @@ def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | No
             "workers": args.workers,
             "scheduler": args.scheduler,
             "dashboard": args.dashboard,
+            "force": args.force,
             "fail_fast": args.fail_fast,
         }
         cfg = load_config(args.config, overrides)
@@ -122,9 +131,13 @@ def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | No
         return 130
     _print_summary(summary)
     if summary.failed:
+        permanent = sum("permanent, not retried" in r for r in summary.failed.values())
         log.error(
-            "%d scene(s) could not be read and were skipped (listed under 'failed' in manifest.json); "
-            "run pipeline.refresh later to retry them", len(summary.failed),
+            "%d scene(s) could not be read and were skipped (listed under 'failed' in manifest.json); %s",
+            len(summary.failed),
+            "their inputs are missing or not GeoTIFFs: fix the catalog" if permanent == len(summary.failed)
+            else "run pipeline.refresh later to retry them" + (f" ({permanent} of them have missing or non-GeoTIFF "
+                                                                 "inputs: fix the catalog)" if permanent else ""),
         )
         return 5
     return 0

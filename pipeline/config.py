@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -145,6 +146,7 @@ class BuildConfig:
     workers: int | None = None  # threads of the local build (each unit's own work); None = all cores
     scheduler: str | None = None  # address of an existing Dask scheduler; None = a LocalCluster on 127.0.0.1
     dashboard: bool = False  # the LocalCluster's dashboard on 127.0.0.1 (its URL is logged); off by default
+    force: bool = False  # write into a non-empty folder that holds no dataset of ours
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "max_cloud", float(self.max_cloud))
@@ -155,25 +157,25 @@ class BuildConfig:
         s = _parse_date(self.start, "start") if self.start else None
         e = _parse_date(self.end, "end") if self.end else None
         if s and e and s > e:
-            raise ConfigError(f"--start {self.start} is after --end {self.end}")
+            raise ConfigError(f"--start {show_value(self.start)} is after --end {show_value(self.end)}")
         if not 0 <= self.max_cloud <= 100:
             raise ConfigError(f"max_cloud={self.max_cloud}: must be a percentage in [0, 100]")
         if self.max_items is not None and self.max_items < 1:
             raise ConfigError("max_items must be >= 1 (or absent: no cap)")
         for k, v in self.resampling.items():
             if k not in ("20m", "60m"):
-                raise ConfigError(f"resampling key {k!r}: use '20m' and '60m'")
+                raise ConfigError(f"resampling key {show_value(k)}: use '20m' and '60m'")
             if v not in ("nearest", "bilinear", "cubic", "average"):
-                raise ConfigError(f"resampling.{k}={v!r}: use nearest, bilinear, cubic or average")
+                raise ConfigError(f"resampling.{k}={show_value(v)}: use nearest, bilinear, cubic or average")
         if self.small_scene not in ("resize", "pad", "skip"):
-            raise ConfigError(f"small_scene={self.small_scene!r}: use resize, pad or skip")
+            raise ConfigError(f"small_scene={show_value(self.small_scene)}: use resize, pad or skip")
         if not self.tiling:
             raise ConfigError("tiling: at least one chip size is needed")
         names = [t.name for t in self.tiling]
         if len(set(names)) != len(names):
-            raise ConfigError(f"tiling: duplicate datasets {names}")
+            raise ConfigError(f"tiling: duplicate datasets {show_value(names)}")
         if self.sign not in (None, "none", "planetary_computer"):
-            raise ConfigError(f"sign={self.sign!r}: use none or planetary_computer")
+            raise ConfigError(f"sign={show_value(self.sign)}: use none or planetary_computer")
         if self.sign == "planetary_computer" and not self.token_url:
             raise ConfigError("sign: planetary_computer needs token_url")
         if self.retries < 0:
@@ -181,7 +183,10 @@ class BuildConfig:
         if self.cube_chunk < 64:
             raise ConfigError("cube_chunk must be >= 64")
         if not isinstance(self.pack_pixels, int) or self.pack_pixels < 1:
-            raise ConfigError(f"pack_pixels={self.pack_pixels!r}: must be a positive number of pixel-dates")
+            raise ConfigError(f"pack_pixels={show_value(self.pack_pixels)}: must be a positive number of pixel-dates")
+        _check_workers(self.workers)
+        if self.scheduler is not None:
+            check_scheduler_address(self.scheduler)
 
     # -- derived -------------------------------------------------------------------
     @property
@@ -258,25 +263,72 @@ def is_catalog_file(catalog: str | None) -> bool:
     return catalog.endswith(".json") or Path(catalog).exists()
 
 
-_RUN_KEYS = ("retries", "retry_backoff_s", "fail_fast", "sign", "token_url", "dashboard")  # how, not what is built
+_RUN_KEYS = ("retries", "retry_backoff_s", "fail_fast", "sign", "token_url", "dashboard", "force")  # how, not what is built
 _SEARCH_KEYS = ("aoi", "bbox", "catalog", "collection", "start", "end", "max_cloud", "max_items")
+
+
+# Error messages quote what the user wrote, but never all of it: a value from a config file
+# can be megabytes long (or, without the alias ban below, a "billion laughs" expansion), and
+# an error is one line.
+_SHOW = reprlib.Repr()
+_SHOW.maxlevel, _SHOW.maxlist, _SHOW.maxtuple, _SHOW.maxdict, _SHOW.maxset = 2, 6, 6, 6, 6
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlong = 60, 60, 40
+
+
+def show_value(value: Any, limit: int = 100) -> str:
+    """`repr(value)` for an error message: bounded in size whatever the value (reprlib caps
+    depth, items and string length before anything is built), on one line."""
+    text = _SHOW.repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _parse_date(s: str, what: str) -> dt.date:
     try:
         return dt.date.fromisoformat(str(s))
     except ValueError:
-        raise ConfigError(f"--{what} {s!r}: use an ISO date like 2018-05-31") from None
+        raise ConfigError(f"--{what} {show_value(s)}: use an ISO date like 2018-05-31") from None
 
 
 def _check_bbox(b: tuple[float, ...]) -> None:
     if len(b) != 4:
-        raise ConfigError(f"bbox {list(b)}: needs 4 numbers W,S,E,N")
+        raise ConfigError(f"bbox {show_value(list(b))}: needs 4 numbers W,S,E,N")
     w, s, e, n = b
     if not (-180 <= w <= 180 and -180 <= e <= 180 and -90 <= s <= 90 and -90 <= n <= 90):
         raise ConfigError(f"bbox {list(b)}: longitudes must be in [-180, 180] and latitudes in [-90, 90]")
     if w >= e or s >= n:
         raise ConfigError(f"bbox {list(b)}: needs W < E and S < N")
+
+
+def _check_workers(workers: Any) -> None:
+    """`workers` is a thread count: a positive int or None (all cores). A zero or negative
+    count used to reach the thread pools and fail every scene 30 s later."""
+    if workers is None:
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ConfigError(f"--workers {show_value(workers)}: must be a whole number >= 1 (or absent: all cores)")
+
+
+# The address forms distributed's Client accepts for a running scheduler (comm schemes
+# tcp, tls, ucx, ws, wss and inproc; a bare HOST:PORT means tcp). Checked here, as part of
+# the config, so a typo is refused before the catalog is searched or anything is written.
+_SCHEDULER_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?)"
+_SCHEDULER_URL = re.compile(rf"(?:(?P<scheme>tcp|tls|ucx|ws|wss)://)?(?P<host>{_SCHEDULER_HOST})(?::(?P<port>[0-9]{{1,5}}))?/?")
+_INPROC = re.compile(r"inproc://[^\s/]+(?:/[^\s]*)?")
+
+
+def check_scheduler_address(address: Any) -> None:
+    """Refuse anything that is not a Dask scheduler address: `tcp://HOST:PORT`, `tls://`,
+    `ucx://`, `ws://`, `wss://` (port optional), `inproc://...`, or a bare `HOST:PORT`."""
+    why = "use tcp://HOST:PORT (or tls://, ucx://, ws://, wss://, inproc://, or HOST:PORT)"
+    if not isinstance(address, str) or not address.strip():
+        raise ConfigError(f"--scheduler {show_value(address)}: not a Dask scheduler address; {why}")
+    if _INPROC.fullmatch(address):
+        return
+    m = _SCHEDULER_URL.fullmatch(address)
+    if m is None or (m["scheme"] is None and m["port"] is None):
+        raise ConfigError(f"--scheduler {show_value(address)}: not a Dask scheduler address; {why}")
+    if m["port"] is not None and not 1 <= int(m["port"]) <= 65535:
+        raise ConfigError(f"--scheduler {show_value(address)}: port {m['port']} is not in 1-65535")
 
 
 def parse_bbox(text: str) -> tuple[float, float, float, float]:
@@ -285,7 +337,7 @@ def parse_bbox(text: str) -> tuple[float, float, float, float]:
     try:
         vals = tuple(float(p) for p in parts)
     except ValueError:
-        raise ConfigError(f"--bbox {text!r}: use four numbers W,S,E,N, e.g. -10.7,51.3,-5.9,55.4") from None
+        raise ConfigError(f"--bbox {show_value(text)}: use four numbers W,S,E,N, e.g. -10.7,51.3,-5.9,55.4") from None
     _check_bbox(vals)
     return vals  # type: ignore[return-value]
 
@@ -296,46 +348,131 @@ _NESTED = {"quality": QualityConfig, "split": SplitConfig, "shards": ShardConfig
 def build_config(raw: dict[str, Any]) -> BuildConfig:
     """Make a `BuildConfig` from a plain dict (YAML), refusing unknown keys."""
     known = {f.name for f in dataclasses.fields(BuildConfig)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # YAML keys need not be strings (`1: x`)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-    kw: dict[str, Any] = {}
-    for k, v in raw.items():
-        if k in _NESTED and v is not None:
-            cls = _NESTED[k]
-            if not isinstance(v, dict):
-                raise ConfigError(f"{k}: expected a mapping")
-            sub = {f.name for f in dataclasses.fields(cls)}
-            bad = sorted(set(v) - sub)
-            if bad:
-                raise ConfigError(f"unknown config key(s) {', '.join(f'{k}.{b}' for b in bad)}; known: {', '.join(sorted(sub))}")
-            kw[k] = cls(**v)
-        elif k == "tiling" and v is not None:
-            specs = []
-            for t in v:
-                if isinstance(t, int):
-                    t = {"size": t}
-                if not isinstance(t, dict):
-                    raise ConfigError("tiling: each entry is a size or a mapping {size, gsd, time_steps, overlap}")
-                bad = sorted(set(t) - {"size", "gsd", "time_steps", "overlap"})
-                if bad:
-                    raise ConfigError(f"unknown config key(s) tiling.{', tiling.'.join(bad)}")
-                specs.append(TilingSpec(**t))
-            kw[k] = tuple(specs)
-        elif k == "bbox" and v is not None:
-            kw[k] = parse_bbox(v) if isinstance(v, str) else tuple(float(x) for x in v)
-        elif k in ("start", "end") and v is not None:
-            kw[k] = str(v)  # YAML parses dates into datetime.date
-        else:
-            kw[k] = v
+        raise ConfigError(f"unknown config key(s) {_show_keys(unknown)}; known keys: {', '.join(sorted(known))}")
     try:
+        kw: dict[str, Any] = {}
+        for k, v in raw.items():
+            if k in _NESTED and v is not None:
+                cls = _NESTED[k]
+                if not isinstance(v, dict):
+                    raise ConfigError(f"{k}: expected a mapping, got {show_value(v)}")
+                sub = {f.name for f in dataclasses.fields(cls)}
+                bad = sorted(set(v) - sub, key=str)
+                if bad:
+                    raise ConfigError(f"unknown config key(s) {_show_keys(bad, f'{k}.')}; known: {', '.join(sorted(sub))}")
+                kw[k] = cls(**v)
+            elif k == "tiling" and v is not None:
+                if not isinstance(v, list):
+                    raise ConfigError(f"tiling: expected a list of sizes or mappings, got {show_value(v)}")
+                specs = []
+                for t in v:
+                    if isinstance(t, int):
+                        t = {"size": t}
+                    if not isinstance(t, dict):
+                        raise ConfigError("tiling: each entry is a size or a mapping {size, gsd, time_steps, overlap}")
+                    bad = sorted(set(t) - {"size", "gsd", "time_steps", "overlap"}, key=str)
+                    if bad:
+                        raise ConfigError(f"unknown config key(s) {_show_keys(bad, 'tiling.')}")
+                    specs.append(TilingSpec(**t))
+                kw[k] = tuple(specs)
+            elif k == "bbox" and v is not None:
+                kw[k] = parse_bbox(v) if isinstance(v, str) else tuple(float(x) for x in v)
+            elif k in ("start", "end") and v is not None:
+                kw[k] = str(v)  # YAML parses dates into datetime.date
+            else:
+                kw[k] = v
         return BuildConfig(**kw)
-    except TypeError as e:  # wrong value types from YAML
-        raise ConfigError(f"invalid config: {e}") from None
+    except (TypeError, ValueError, OverflowError) as e:  # wrong value types from YAML: `float("abc")`, `"x" < 1`
+        raise ConfigError(f"invalid config: {_one_line(e)}") from None
+
+
+def _show_keys(keys: list[Any], prefix: str = "", most: int = 10) -> str:
+    """Unknown keys for a message: the first few, each capped (a file may hold thousands)."""
+    shown = [prefix + (k if isinstance(k, str) and len(k) <= 60 else show_value(k, 60)) for k in keys[:most]]
+    return ", ".join(shown) + (f" (and {len(keys) - most} more)" if len(keys) > most else "")
+
+
+def _one_line(e: object, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 #: Example configs shipped in the package (`--config europe_live` finds pipeline/configs/europe_live.yaml).
 SHIPPED_CONFIGS = package_folder("pipeline", "configs")
+
+
+#: Config files larger than this are refused before parsing (the shipped ones are under 2 KiB).
+MAX_CONFIG_BYTES = 1 << 20
+#: Deepest nesting of mappings/lists a config may have (the configs use 3).
+MAX_CONFIG_DEPTH = 32
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses aliases (`*name`) and deep nesting while composing.
+
+    PyYAML builds an alias as a reference to the anchored object, so nine nested levels of
+    nine aliases ("billion laughs") parse in milliseconds into 9**9 references, and then
+    blow up whatever walks the value: an error message's repr, json.dumps for the config
+    hash. Configs need no aliases, so they are refused where they appear, before any value
+    is built. Deep nesting is refused too: the composer recurses per level.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not allowed in a config file: write the value out",
+                self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested deeper than {MAX_CONFIG_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_config_yaml(text: str) -> Any:
+    """Parse one YAML document of a config safely (no aliases, bounded nesting, safe tags).
+
+    Raises:
+        ValueError: with a one-line reason (and the line and column) when the text is not
+            acceptable YAML; the callers wrap it into their own ConfigError.
+    """
+    loader = _ConfigLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = ", ".join(t for t in (e.context, e.problem) if t) or str(e)
+        raise ValueError(f"{_one_line(what, 150)}{where}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(_one_line(e, 150)) from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of more than 4300 digits
+        raise ValueError(_one_line(e, 150)) from None
+    finally:
+        loader.dispose()
+
+
+def read_config_yaml(path: Path) -> Any:
+    """Read and parse a YAML config file (see `parse_config_yaml`); the size is checked first.
+
+    Raises:
+        ValueError: one line: too large, not UTF-8, or not acceptable YAML.
+    """
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(f"{size} bytes; a config file holds at most {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return parse_config_yaml(text)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> BuildConfig:
@@ -345,13 +482,13 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if path is not None:
         p = find_config(path, SHIPPED_CONFIGS)
         if not p.is_file():
-            raise ConfigError(f"config file {str(path)!r} not found (shipped configs: {shipped_names(SHIPPED_CONFIGS)})")
+            raise ConfigError(f"config file {show_value(str(path))} not found (shipped configs: {shipped_names(SHIPPED_CONFIGS)})")
         try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            loaded = read_config_yaml(p) or {}
+        except ValueError as e:
+            raise ConfigError(f"config file {show_value(str(p), 200)} is not valid YAML: {e}") from None
         if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r}: expected a mapping of keys to values")
+            raise ConfigError(f"config file {show_value(str(p), 200)}: expected a mapping of keys to values")
         raw.update(loaded)
     for k, v in (overrides or {}).items():
         if v is not None:

@@ -27,8 +27,14 @@ members are decoded with `allow_pickle=False`. The chips shown are a reservoir s
 `--per-split` chips per (dataset, split), seeded by `--seed`, so the same command gives the
 same page. Pixel histograms use every chip with a stride of 2 pixels in each direction.
 
+Manifests and sample JSON are written by others (another tool, another version, a hand
+edit): every field the report computes with is type-checked first (`check_manifest`,
+`check_sample_meta`) and a wrong one is a one-line error naming the file and the key; every
+value that reaches the page is HTML-escaped, numbers included.
+
 Exit codes: 0 written, 2 bad input (missing directory or manifest, wrong format id, missing
-or unreadable shard, output in the way); nothing is written then. 1 means a bug.
+or unreadable shard, a field of the wrong type, output in the way); nothing is written then.
+1 means a bug.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from pipeline.config import show_value
 from pipeline.contract import READABLE_FORMATS
 from pipeline.errors import PipelineError
 
@@ -116,8 +123,8 @@ def load_manifest(path: Path) -> dict[str, Any]:
     """
     try:
         man = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ReportError(f"{path}: not a readable JSON manifest ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad JSON, bad UTF-8, an int of > 4300 digits
+        raise ReportError(f"{path}: not a readable JSON manifest ({_one_line(e)})") from None
     if not isinstance(man, dict):
         raise ReportError(f"{path}: not a dataset manifest (expected a JSON object)")
     if man.get("format") not in READABLE_FORMATS:
@@ -128,7 +135,148 @@ def load_manifest(path: Path) -> dict[str, Any]:
         isinstance(d, dict) and isinstance(d.get("splits"), dict) for d in datasets.values()
     ):
         raise ReportError(f"{path}: 'datasets' must map each dataset name to an object with 'splits'")
+    check_manifest(man, str(path))
     return man
+
+
+# -- input checks: values written by others -------------------------------------------------
+
+
+def _one_line(e: object, limit: int = 200) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_number(v: Any) -> bool:
+    """A finite JSON number (not a bool, which is an int in Python)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _name(key: Any, limit: int = 60) -> str:
+    """A key of the manifest as a message names it: as written when short, capped otherwise."""
+    return key if isinstance(key, str) and len(key) <= limit else show_value(key, limit)
+
+
+def _wrong(where: str, value: Any, expected: str) -> ReportError:
+    return ReportError(f"{where} is {show_value(value, 60)} ({type(value).__name__}), expected {expected}")
+
+
+def _expect(ok: bool, where: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise _wrong(where, value, expected)
+
+
+def check_manifest(man: dict[str, Any], where: str = "manifest.json") -> None:
+    """Check the type of every manifest field the report computes with (sums, scales, plots).
+
+    Fields that are only shown (ids, dates, hashes, counts in the scenes table) may hold
+    anything: they are escaped on the page. A manifest is another program's output, so a
+    wrong type is the user's input problem, reported in one line, not a traceback.
+
+    Raises:
+        ReportError: names the key, the value (capped) and what was expected.
+    """
+    bands = man.get("bands")
+    if bands is not None:
+        _expect(isinstance(bands, list) and bool(bands) and all(isinstance(b, str) for b in bands),
+                f"{where}: bands", bands, "a list of band names")
+        missing = sorted({*TRUE_COLOUR, *FALSE_COLOUR} - set(bands))
+        if missing:
+            raise ReportError(f"{where}: bands lack {', '.join(missing)}, needed for the colour composites")
+    n_bands = len(bands or BANDS)
+    scale = man.get("value_scale")
+    _expect(scale is None or (_is_number(scale) and 0 < scale <= 1), f"{where}: value_scale", scale,
+            "a number in (0, 1] (reflectance per stored value)")
+    nodata = man.get("nodata")
+    _expect(nodata is None or (isinstance(nodata, int) and not isinstance(nodata, bool)), f"{where}: nodata", nodata,
+            "an integer")
+    for key in ("config", "source", "summary", "scenes"):
+        _expect(man.get(key) is None or isinstance(man.get(key), dict), f"{where}: {key}", man.get(key), "an object")
+    bbox = (man.get("config") or {}).get("bbox")
+    _expect(bbox is None or (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)),
+            f"{where}: config.bbox", bbox, "4 numbers W, S, E, N")
+    rejected = (man.get("scenes") or {}).get("rejected")
+    _expect(rejected is None or (isinstance(rejected, dict) and all(_is_count(v) for v in rejected.values())),
+            f"{where}: scenes.rejected", rejected, "an object of reason: count")
+    items = man.get("items")
+    _expect(items is None or (isinstance(items, list) and all(isinstance(i, dict) for i in items)),
+            f"{where}: items", items, "a list of objects")
+    for ds, d in man["datasets"].items():
+        at = f"{where}: datasets.{_name(ds)}"
+        for key in ("chip_size", "gsd"):
+            _expect(d.get(key) is None or (_is_number(d[key]) and d[key] > 0), f"{at}.{key}", d.get(key), "a positive number")
+        ts = d.get("time_steps")
+        _expect(ts is None or (_is_count(ts) and ts >= 1), f"{at}.time_steps", ts, "a whole number >= 1")
+        dropped = d.get("dropped")
+        _expect(dropped is None or (isinstance(dropped, dict) and all(_is_count(v) for v in dropped.values())),
+                f"{at}.dropped", dropped, "an object of reason: count")
+        _check_stats(d.get("stats"), f"{at}.stats", n_bands)
+        for split, sp in d["splits"].items():
+            sw = f"{at}.splits.{_name(split, 40)}"
+            _expect(isinstance(sp, dict), sw, sp, "an object")
+            _expect(sp.get("num_samples") is None or _is_count(sp["num_samples"]), f"{sw}.num_samples",
+                    sp.get("num_samples"), "a whole number >= 0")
+            shards = sp.get("shards", [])
+            _expect(isinstance(shards, list), f"{sw}.shards", shards, "a list")
+            for i, sh in enumerate(shards):
+                _expect(isinstance(sh, dict), f"{sw}.shards.{i}", sh, "an object")
+                _expect(isinstance(sh.get("path"), str) and bool(sh["path"]), f"{sw}.shards.{i}.path", sh.get("path"),
+                        "a file name")
+                _expect(sh.get("bytes") is None or _is_count(sh["bytes"]), f"{sw}.shards.{i}.bytes", sh.get("bytes"),
+                        "a whole number >= 0")
+
+
+def _check_stats(stats: Any, where: str, n_bands: int) -> None:
+    """Stored statistics are plotted: per-band lists of numbers, one per band, in stored
+    units (uint16 DN: 0..65535; the histogram axes are sized from them)."""
+    if stats is None:
+        return
+    _expect(isinstance(stats, dict), where, stats, "an object")
+
+    def per_band(v: Any, at: str, top: float = 65535) -> None:
+        _expect(isinstance(v, list) and len(v) == n_bands and all(_is_number(x) and 0 <= x <= top for x in v), at, v,
+                f"a list of {n_bands} numbers in [0, {top:g}] (one per band)")
+
+    for key in ("count", "mean", "std", "min", "max"):
+        if stats.get(key) is not None:
+            per_band(stats[key], f"{where}.{key}", math.inf if key == "count" else 65535)
+    if stats.get("mean") is not None and stats.get("std") is None:
+        raise ReportError(f"{where}: has mean but no std")
+    pct = stats.get("percentiles")
+    if pct is not None:
+        _expect(isinstance(pct, dict), f"{where}.percentiles", pct, "an object of pNN: list")
+        for k, v in pct.items():
+            per_band(v, f"{where}.percentiles.{_name(k, 30)}")
+
+
+def check_sample_meta(meta: Any, where: str) -> dict[str, Any]:
+    """Check the fields of a sample's JSON that the report computes with; return it.
+
+    Raises:
+        ReportError: one line naming the sample, the key and the value (capped).
+    """
+    _expect(isinstance(meta, dict), f"{where}: metadata", meta, "a JSON object")
+    q = meta.get("quality")
+    _expect(q is None or isinstance(q, dict), f"{where}: quality", q, "an object of fractions")
+    for k in QUALITY_KEYS:
+        v = (q or {}).get(k)
+        _expect(v is None or _is_number(v), f"{where}: quality.{k}", v, "a number in [0, 1] or null")
+    bbox = meta.get("bbox_lonlat")
+    _expect(bbox is None or (isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox)),
+            f"{where}: bbox_lonlat", bbox, "4 numbers W, S, E, N")
+    dts = meta.get("datetimes")
+    _expect(dts is None or (isinstance(dts, list) and all(isinstance(t, str) for t in dts)), f"{where}: datetimes",
+            dts, "a list of ISO dates")
+    return meta
 
 
 def shard_paths(root: Path, man: dict[str, Any]) -> list[tuple[str, str, Path]]:
@@ -179,8 +327,8 @@ def iter_shard(path: Path, *, decode: bool = True) -> Iterator[tuple[str, np.nda
                     del pending[key]
                     try:
                         meta = json.loads(parts["json"])
-                    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                        raise ReportError(f"{path}: sample {key}: bad JSON metadata ({e})") from None
+                    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int of > 4300 digits
+                        raise ReportError(f"{path}: sample {key}: bad JSON metadata ({_one_line(e)})") from None
                     yield key, (decode_npy(parts["npy"], where=f"{path}: sample {key}") if decode else parts["npy"]), meta
     except (tarfile.TarError, OSError, EOFError) as e:
         raise ReportError(f"{path}: unreadable shard ({e})") from None
@@ -196,7 +344,9 @@ def decode_npy(data: bytes, *, where: str = "") -> np.ndarray:
     except (ValueError, OSError, EOFError) as e:
         raise ReportError(f"{where}: bad .npy ({e})") from None
     if arr.ndim not in (3, 4):
-        raise ReportError(f"{where}: chip shape {list(arr.shape)} is not [C, H, W] or [T, C, H, W]")
+        raise ReportError(f"{where}: chip shape {list(arr.shape)[:8]} is not [C, H, W] or [T, C, H, W]")
+    if arr.dtype != np.uint16:  # the format's dtype; the histograms shift DN as unsigned integers
+        raise ReportError(f"{where}: chip dtype {arr.dtype}, expected uint16")
     return arr
 
 
@@ -250,12 +400,14 @@ def scan_dataset(
     """
     scan = Scan()
     rngs: dict[tuple[str, str], random.Random] = {}
+    n_bands = len(man.get("bands") or BANDS)
     paths = shard_paths(root, man)
     for ds, split, path in paths:
         g = (ds, split)
         rng = rngs.setdefault(g, random.Random(f"{seed}/{ds}/{split}"))
         reservoir = scan.chips.setdefault(g, [])
         for key, raw, meta in iter_shard(path, decode=False):
+            check_sample_meta(meta, f"{path}: sample {key}")
             i = scan.read[g]
             scan.read[g] += 1
             slot = i if i < per_split else rng.randrange(i + 1)
@@ -272,6 +424,8 @@ def scan_dataset(
                 continue
             assert isinstance(raw, bytes)
             arr = decode_npy(raw, where=f"{path}: sample {key}")
+            if arr.shape[-3] != n_bands:
+                raise ReportError(f"{path}: sample {key}: {arr.shape[-3]} bands, the manifest lists {n_bands}")
             if keep:
                 chip = Chip(key, arr, meta)
                 if slot < len(reservoir):
@@ -709,9 +863,10 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
     name = root.resolve().name
     # the report names the manifest relative to itself: no local folder layout in a page users share
     rel_manifest = Path(os.path.relpath(manifest_path.resolve(), out.resolve())).as_posix()
+    # every value is escaped, numbers too: they are computed from a manifest written by others
     headline = (
-        f'<strong><span id="chip-count">{n_chips}</span> chips</strong> in {len(man["datasets"])} datasets '
-        f"({esc(', '.join(man['datasets']))}) \u00b7 {n_shards} shards \u00b7 {esc(fmt_bytes(n_bytes))}"
+        f'<strong><span id="chip-count">{esc(n_chips)}</span> chips</strong> in {esc(len(man["datasets"]))} datasets '
+        f"({esc(', '.join(man['datasets']))}) \u00b7 {esc(n_shards)} shards \u00b7 {esc(fmt_bytes(n_bytes))}"
         f" \u00b7 built {esc(man.get('created'))}"
     )
     page = Page(
@@ -739,7 +894,7 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
             rows.append([ds, d.get("chip_size"), d.get("gsd"), d.get("time_steps"), d.get("layout"), s, len(shards),
                          int(sp.get("num_samples") or 0),
                          Cell(esc(fmt_bytes(sum(int(h.get("bytes") or 0) for h in shards))), True)])
-    rows.append([Cell("<strong>total</strong>"), "", "", "", "", "", n_shards, Cell(f"<strong>{n_chips}</strong>", True),
+    rows.append([Cell("<strong>total</strong>"), "", "", "", "", "", n_shards, Cell(f"<strong>{esc(n_chips)}</strong>", True),
                  Cell(esc(fmt_bytes(n_bytes)), True)])
     cfg = man.get("config") or {}
     src = man.get("source") or {}
@@ -779,10 +934,10 @@ def render_page(scan: Scan, man: dict[str, Any], manifest_path: Path, out: Path,
         "chips", "Contact sheet",
         figure_html(pngs["sheet"], alt=f"{n_shown} random chips in true and false colour",
                     caption=(
-                        f"{n_shown} chips drawn at random (seeded) per dataset and split; the tile and date above each "
+                        f"{esc(n_shown)} chips drawn at random (seeded) per dataset and split; the tile and date above each "
                         "true-colour chip, its row_col pixel offset above the false-colour one. True colour = B04, B03, "
                         "B02; false colour = B08, B04, B03 (vegetation red). Reflectance = value \u00d7 "
-                        f"{scale:g}, stretched linearly between the dataset's stored train p2 and p98 (one range per "
+                        f"{esc(f'{scale:g}')}, stretched linearly between the dataset's stored train p2 and p98 (one range per "
                         "composite: lowest p2 to highest p98 of its three bands; the chip's own 2-98 % when no statistics "
                         "are stored). Nodata is black. Time stacks show their first date."
                     )),
@@ -909,6 +1064,17 @@ def build_report(
     import matplotlib
 
     matplotlib.use("Agg")
+    # dataset names, tiles and dates from the data label the figures: drawn as plain text, so a
+    # `$` in them is a character, not TeX that matplotlib fails to parse
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        return _build_report(dataset, out, png_only=png_only, seed=seed, per_split=per_split, version=version,
+                             gamma=gamma)
+
+
+def _build_report(
+    dataset: Path, out: Path | None, *, png_only: bool, seed: int, per_split: int, version: str | None, gamma: float,
+) -> Path:
+    """`build_report` under its matplotlib settings."""
     from pipeline.report_html import write_file_atomic
 
     if per_split < 1:
@@ -985,6 +1151,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m pipeline.inspect"
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    # manifests record catalog URLs and sample JSON hrefs: no credential or signed query may reach the log
+    from pipeline.redact import install_redaction
+
+    install_redaction()
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
     try:
         build_report(

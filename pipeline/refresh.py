@@ -8,7 +8,8 @@ new: nothing is written and the exit code is 0.
 Exit codes (for schedulers): 0 updated or nothing new; 2 bad input, unreachable catalog or
 incompatible dataset; 3 no scenes at all; 4 another build/refresh is running (use --wait to
 queue instead); 5 some scenes could not be read (skipped and listed in the manifest: the
-next refresh retries them); 130 interrupted (the next run resumes); 1 a bug.
+next refresh retries them); 6 no space left where the dataset is written (nothing published);
+130 interrupted (the next run resumes); 1 a bug.
 """
 
 from __future__ import annotations

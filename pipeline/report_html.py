@@ -100,7 +100,13 @@ footer.page { margin-top: 2rem; padding: 0.8rem 2rem; border-top: 1px solid var(
 
 
 def esc(value: Any) -> str:
-    """HTML-escape any value's `str()`; `None` renders as an em dash."""
+    """HTML-escape any value's `str()`; `None` renders as an em dash.
+
+    Every value interpolated into a page goes through this, numbers too: report values come
+    from manifests, sample JSON and metrics files written by others, and a "number" there can
+    be any JSON value. Only `Cell`, captions and headlines carry pre-rendered markup, built by
+    the caller with `esc` around each value.
+    """
     return "\u2014" if value is None else html.escape(str(value), quote=True)
 
 
@@ -248,7 +254,7 @@ def figure_html(png: Png, *, alt: str, caption: str | None = None, max_css_width
     height = round(png.height * width / png.width) if png.width else png.height
     cap = f"<figcaption>{caption}</figcaption>" if caption else ""
     return (
-        f'<figure><img src="{esc(png.name)}" width="{width}" height="{height}" alt="{esc(alt)}" '
+        f'<figure><img src="{esc(png.name)}" width="{esc(width)}" height="{esc(height)}" alt="{esc(alt)}" '
         f'loading="eager" decoding="sync">{cap}</figure>'
     )
 

@@ -3,7 +3,9 @@
 Planetary Computer tokens expire after about 45 minutes (PlanetaryComputer#388) and have
 been issued already expired (PlanetaryComputer#463), so hrefs are signed just before each
 read, from a token cached until shortly before its stated expiry. Tokens never reach logs
-or manifests: only unsigned hrefs are stored.
+or manifests: only unsigned hrefs are stored, the token endpoint is named by its host alone
+(its URL may carry a subscription key or credentials), and an error fetching a token says
+which host failed without quoting the URL. `pipeline.redact` masks what third-party code logs.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
+
+from pipeline.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,14 @@ class TokenSigner:
         self._lock = threading.Lock()
 
     def _fetch(self) -> None:
-        r = requests.get(self.token_url, timeout=self.timeout)
-        r.raise_for_status()
+        try:
+            r = requests.get(self.token_url, timeout=self.timeout)
+            r.raise_for_status()
+        except requests.RequestException as e:
+            # requests quotes the whole URL ("403 ... for url: https://...?subscription-key=..."),
+            # and this message travels into failure reasons and the manifest: same type, masked text
+            raise type(e)(f"token request to {_host(self.token_url)} failed: {redact(str(e))}",
+                          request=e.request, response=e.response) from None
         body = r.json()
         self._token = str(body["token"]).lstrip("?")
         exp = body.get("msft:expiry")
@@ -53,7 +63,7 @@ class TokenSigner:
             if exp
             else dt.datetime.now(dt.timezone.utc) + dt.timedelta(minutes=30)
         )
-        log.info("signing token from %s valid until %s", urlsplit(self.token_url).netloc, self._expiry.isoformat())
+        log.info("signing token from %s valid until %s", _host(self.token_url), self._expiry.isoformat())
 
     def token(self, *, force: bool = False) -> str:
         with self._lock:
@@ -83,6 +93,12 @@ def make_patch_url(sign: str, token_url: str | None) -> Callable[[str], str] | N
 
 
 def strip_query(href: str) -> str:
-    """An href without its query string: what may be logged or stored."""
+    """An href without its query string and without credentials (`user:pass@`): what may be logged or stored."""
     parts = urlsplit(href)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", parts.fragment))
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", parts.fragment))
+
+
+def _host(url: str) -> str:
+    """`host[:port]` of `url`, without credentials: how the token endpoint is named in messages."""
+    return urlsplit(url).netloc.rpartition("@")[2] or "?"

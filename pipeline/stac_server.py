@@ -29,6 +29,14 @@ Design choices:
   `/a/b.tif` under `http://127.0.0.1:PORT/...` would turn back into an HTTP URL. The path
   is not percent-encoded because rasterio does not decode `file://` URLs (a path with a
   space stays openable; one with `?` or `#` is not supported).
+- **Paths with spaces or non-ASCII characters.** stac-fastapi-static turns the catalog path
+  into a `file://` URI and back without percent-decoding, so `my catalog é/` became
+  `my%2520catalog%2520%25C3%25A9/` and the server died at start-up. In the server process its
+  two converters are replaced by ones that encode once and decode once (`_decode_file_uris`).
+- **Link loops are refused before serving.** A `child` (or `item`) link that leads back to a
+  document already on the way from the root would make the server walk forever (it recurses
+  per level until RecursionError, per request). `_check_links` walks the local links once,
+  iteratively, with a visited set and bounds on depth and documents, and names the link.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlparse
 
 from pipeline.errors import CatalogError
 
@@ -66,18 +74,106 @@ class StacServerError(CatalogError):
     """The static catalog cannot be served (missing file, not STAC, server did not start)."""
 
 
-def _check_catalog(catalog_json: Path) -> Path:
-    """Resolve `catalog_json` and check it is a STAC Catalog or Collection JSON file."""
+def _check_catalog(catalog_json: Path, *, links: bool = True) -> Path:
+    """Resolve `catalog_json` and check it is a STAC Catalog or Collection JSON file whose
+    local `child`/`item` links hold no loop (`links=False` skips that walk: done already)."""
     path = Path(catalog_json).expanduser().resolve()
     if not path.is_file():
-        raise StacServerError(f"static STAC catalog {str(catalog_json)!r} not found: pass the path of a catalog.json")
+        raise StacServerError(f"static STAC catalog {str(catalog_json)[:300]!r} not found: pass the path of a catalog.json")
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise StacServerError(f"{path} is not readable JSON: {e}") from None
+        raise StacServerError(f"{path} is not readable JSON: {' '.join(str(e).split())[:200]}") from None
     if not isinstance(doc, dict) or doc.get("type") not in ("Catalog", "Collection"):
-        raise StacServerError(f"{path} is not a STAC Catalog or Collection (type={doc.get('type') if isinstance(doc, dict) else None!r})")
+        kind = doc.get("type") if isinstance(doc, dict) else None
+        raise StacServerError(f"{path} is not a STAC Catalog or Collection (type={str(kind)[:40]!r})")
+    if links:
+        _check_links(path)
     return path
+
+
+#: Bounds of the link walk: deeper nesting than this is refused (the server's own walk
+#: recurses per level), and a catalog with more catalogs/collections than this is not walked further.
+MAX_LINK_DEPTH = 64
+MAX_LINKED_DOCUMENTS = 100_000
+
+
+def _linked(doc_path: str) -> list[tuple[str, str]]:
+    """(rel, real path) of the local `child` and `item` links of one catalog/collection file.
+
+    Hrefs are resolved as stac-fastapi-static resolves them (against the document's `self`
+    link when it has one, else its own location); remote links and unreadable documents give
+    nothing (the server skips those too).
+    """
+    try:
+        doc = json.loads(Path(doc_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []
+    links = doc.get("links") if isinstance(doc, dict) else None
+    if not isinstance(links, list):
+        return []
+    own = Path(doc_path).as_uri()
+    base = own
+    for link in links:
+        if isinstance(link, dict) and link.get("rel") == "self" and isinstance(link.get("href"), str):
+            base = urljoin(own, link["href"])
+            break
+    out = []
+    for link in links:
+        if not isinstance(link, dict) or link.get("rel") not in ("child", "item") or not isinstance(link.get("href"), str):
+            continue
+        target = urlparse(urljoin(base, link["href"]))
+        if target.scheme not in ("file", ""):
+            continue
+        out.append((link["rel"], os.path.realpath(urllib.request.url2pathname(target.path))))
+    return out
+
+
+def _check_links(root: Path) -> None:
+    """Refuse a static catalog whose local `child`/`item` links loop back (see module docstring).
+
+    An iterative depth-first walk from the root over catalogs and collections: a link to a
+    document on the current path from the root is a loop; a document reached twice by
+    different paths is walked once (that is not a loop). Items are not opened, only their
+    hrefs compared, so a catalog of many items costs one read per catalog/collection.
+
+    Raises:
+        StacServerError: one line naming the link that closes the loop, or the bound exceeded.
+    """
+    top = os.path.realpath(root)
+    folder = os.path.dirname(top)
+
+    def show(p: str) -> str:
+        rel = os.path.relpath(p, folder)
+        return (rel if not rel.startswith("..") else p)[-150:]
+
+    on_path = {top}
+    done: set[str] = set()
+    stack = [(top, iter(_linked(top)))]
+    while stack:
+        doc, links = stack[-1]
+        nxt = next(links, None)
+        if nxt is None:
+            stack.pop()
+            on_path.discard(doc)
+            done.add(doc)
+            continue
+        rel, target = nxt
+        if target in on_path:
+            raise StacServerError(
+                f"static STAC catalog {root} has a link loop: the {rel!r} link of {show(doc)} points back to "
+                f"{show(target)} (already on the way from the root); remove or fix that link")
+        if rel == "item" or target in done or not os.path.isfile(target):
+            continue
+        if len(stack) >= MAX_LINK_DEPTH:
+            raise StacServerError(f"static STAC catalog {root}: child links nest deeper than {MAX_LINK_DEPTH} levels "
+                                  f"(at {show(target)}): flatten the catalog")
+        if len(done) + len(stack) >= MAX_LINKED_DOCUMENTS:
+            log.warning("static STAC catalog %s: more than %d catalogs/collections; links beyond them not checked for loops",
+                        root, MAX_LINKED_DOCUMENTS)
+            return
+        on_path.add(target)
+        stack.append((target, iter(_linked(target))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -91,6 +187,40 @@ def local_asset_href(href: str) -> str:
     """
     path = urllib.request.url2pathname(urlparse(href).path)
     return "file://" + Path(path).as_posix()
+
+
+def _decode_file_uris() -> None:
+    """Make stac-fastapi-static convert between paths and `file://` URIs correctly (server process only).
+
+    Its `file_path_to_file_uri` percent-encodes an already encoded URI again and its
+    `file_uri_to_file_path` never decodes, so any path with a space or a non-ASCII character
+    ends up double encoded (`%2520`) and not found. The replacements encode a plain path
+    once, keep a URI as it is (normalised), and decode a URI into the real path. Patched in
+    every module that imported them by name.
+    """
+    from stac_fastapi.static.api import api, config, core_client
+    from stac_fastapi.static.core import requests as static_requests
+    from stac_fastapi.static.core.requests import file_href
+
+    if getattr(file_href.file_uri_to_file_path, "_decodes", False):
+        return
+
+    def file_uri_to_file_path(href: str) -> str:
+        if not file_href.is_file_uri(href):
+            raise ValueError(f"Not a path or 'file://' URI : {href}")
+        parsed = urlparse(href)
+        # a plain path is a path (a literal '%' stays); a file:// URI is percent-decoded
+        return urllib.request.url2pathname(parsed.path) if parsed.scheme == "file" else parsed.path
+
+    def file_path_to_file_uri(path: str) -> str:
+        return Path(file_uri_to_file_path(path)).as_uri()
+
+    file_uri_to_file_path._decodes = True  # type: ignore[attr-defined]
+    for module in (file_href, static_requests, api, config, core_client):
+        if hasattr(module, "file_uri_to_file_path"):
+            module.file_uri_to_file_path = file_uri_to_file_path  # type: ignore[attr-defined]
+        if hasattr(module, "file_path_to_file_uri"):
+            module.file_path_to_file_uri = file_path_to_file_uri  # type: ignore[attr-defined]
 
 
 def _keep_local_asset_hrefs() -> None:
@@ -127,12 +257,13 @@ def _keep_local_asset_hrefs() -> None:
     core_client.resolve = resolve
 
 
-def build_app(catalog_json: Path) -> Any:
+def build_app(catalog_json: Path, *, check_links: bool = True) -> Any:
     """The stac-fastapi-static ASGI app for a local static catalog (used by the server process)."""
     from stac_fastapi.static.api import Settings, make_api
 
-    path = _check_catalog(catalog_json)
+    path = _check_catalog(catalog_json, links=check_links)
     title = json.loads(path.read_text(encoding="utf-8")).get("title") or path.parent.name
+    _decode_file_uris()
     _keep_local_asset_hrefs()
     settings = Settings(
         _env_file=None,  # never pick up a stray .env from the working directory
@@ -159,12 +290,15 @@ def _bind(host: str, port: int) -> tuple[socket.socket, str]:
     return sock, f"http://{shown}:{bound}/"
 
 
-def serve_forever(catalog_json: Path, host: str = "127.0.0.1", port: int = 0) -> None:
-    """Serve `catalog_json` on `host:port` until SIGINT/SIGTERM (blocking; the server process body)."""
-    _check_catalog(catalog_json)  # fail fast, before the slow FastAPI imports
+def serve_forever(catalog_json: Path, host: str = "127.0.0.1", port: int = 0, *, check_links: bool = True) -> None:
+    """Serve `catalog_json` on `host:port` until SIGINT/SIGTERM (blocking; the server process body).
+
+    `check_links=False` skips the link-loop walk when the caller (`serve_static_catalog`) did it.
+    """
+    _check_catalog(catalog_json, links=check_links)  # fail fast, before the slow FastAPI imports
     import uvicorn
 
-    app = build_app(catalog_json)
+    app = build_app(catalog_json, check_links=False)
     sock, url = _bind(host, port)
     # The ready line is the contract with `serve_static_catalog` (and tells a CLI user the URL).
     sys.stdout.write(f"STAC API {url} serving {Path(catalog_json).resolve()} (Ctrl-C to stop)\n")
@@ -238,7 +372,8 @@ def serve_static_catalog(
     env = dict(os.environ)
     # The child imports `pipeline` from this checkout even when it is not pip-installed.
     env["PYTHONPATH"] = os.pathsep.join([str(_REPO_ROOT), *filter(None, [env.get("PYTHONPATH")])])
-    cmd = [sys.executable, "-m", "pipeline.stac_server", str(path), "--host", host, "--port", str(port)]
+    # links were checked just now (`_check_catalog`): the server process need not walk them again
+    cmd = [sys.executable, "-m", "pipeline.stac_server", str(path), "--host", host, "--port", str(port), "--links-checked"]
     with tempfile.NamedTemporaryFile("w+", prefix="stac-server-", suffix=".log", delete=False) as errf:
         err_path = Path(errf.name)
         proc = subprocess.Popen(
@@ -318,10 +453,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("catalog", type=Path, help="path of the static catalog.json (e.g. catalogs/sample/catalog.json)")
     ap.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: loopback only)")
     ap.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free port; default 8000)")
+    ap.add_argument("--links-checked", action="store_true", help=argparse.SUPPRESS)  # set by serve_static_catalog
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        serve_forever(args.catalog, args.host, args.port)
+        serve_forever(args.catalog, args.host, args.port, check_links=not args.links_checked)
     except StacServerError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -36,6 +36,9 @@ from typing import Any, Literal
 
 import yaml
 
+# one safe YAML reader for both config loaders (no aliases, bounded nesting and size) and the
+# capped value display used in messages: a value from a file can be huge, an error is one line
+from pipeline.config import parse_config_yaml, read_config_yaml, show_value
 from spectralgpt.shipped import find_config, package_folder, shipped_names
 from training.errors import ConfigError
 
@@ -170,7 +173,7 @@ class StageConfig:
     """Effective batch for this stage; default: the run's ``global_batch``."""
 
     def __post_init__(self) -> None:
-        where = f"stage '{self.name}'"
+        where = f"stage {show_value(self.name, 80)}"
         if (self.samples is None) == (self.epochs is None):
             raise ConfigError(f"{where}: set exactly one of 'samples' or 'epochs'")
         if self.samples is not None and self.samples < 1:
@@ -254,16 +257,16 @@ class RunConfig:
             raise ConfigError("config has no stages: add at least one entry under 'stages'")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ConfigError(f"stage names must be unique, got {names}")
+            raise ConfigError(f"stage names must be unique, got {show_value(names)}")
         for stage in self.stages:
             # Validates the image size against the patch size with the model's own checks.
             self.model_for(stage)
             mb = stage.micro_batch or self.micro_batch
             gb = stage.global_batch or self.global_batch
             if mb < 1 or gb < 1:
-                raise ConfigError(f"stage '{stage.name}': micro_batch and global_batch must be >= 1")
+                raise ConfigError(f"stage {show_value(stage.name, 80)}: micro_batch and global_batch must be >= 1")
             if gb % mb:
-                raise ConfigError(f"stage '{stage.name}': global_batch {gb} is not a multiple "
+                raise ConfigError(f"stage {show_value(stage.name, 80)}: global_batch {gb} is not a multiple "
                                   f"of micro_batch {mb}")
         if not 0 <= self.weight_decay:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
@@ -300,7 +303,7 @@ class RunConfig:
         path = find_config(self.deepspeed_config, CONFIG_DIR, ".json")
         if path.is_file():
             return path
-        raise ConfigError(f"deepspeed_config '{self.deepspeed_config}' not found (neither a path "
+        raise ConfigError(f"deepspeed_config {show_value(self.deepspeed_config, 200)} not found (neither a path "
                           f"nor a shipped config: {shipped_names(CONFIG_DIR, '.json')})")
 
     def to_dict(self) -> dict[str, Any]:
@@ -323,6 +326,11 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+def _key(name: Any) -> str:
+    """A config key as messages quote it: as written when short, capped otherwise."""
+    return name if isinstance(name, str) and len(name) <= 80 else show_value(name, 80)
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert lists to tuples, ints to floats."""
     origin = typing.get_origin(tp)
@@ -340,15 +348,15 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"config key '{where}' must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"config key '{_key(where)}' must be one of {list(args)}, got {show_value(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{where}' must be a list, got {value!r}")
+            raise ConfigError(f"config key '{_key(where)}' must be a list, got {show_value(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], f"{where}.{i}") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ConfigError(f"config key '{where}' must have {len(args)} items, got {value!r}")
+            raise ConfigError(f"config key '{_key(where)}' must have {len(args)} items, got {show_value(value)}")
         return tuple(_coerce(v, a, f"{where}.{i}") for i, (v, a) in enumerate(zip(value, args)))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
@@ -360,24 +368,24 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return value
     if tp is str and isinstance(value, str):
         return value
-    raise ConfigError(f"config key '{where}' must be {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"config key '{_key(where)}' must be {_type_name(tp)}, got {show_value(value)}")
 
 
 def _build(cls: Any, data: Any, where: str) -> Any:
     """Build dataclass ``cls`` from a mapping, rejecting unknown keys."""
     if not isinstance(data, dict):
-        raise ConfigError(f"config key '{where}' must be a mapping, got {data!r}")
+        raise ConfigError(f"config key '{_key(where)}' must be a mapping, got {show_value(data)}")
     hints = typing.get_type_hints(cls)
     known = [f.name for f in dataclasses.fields(cls)]
     prefix = f"{where}." if where else ""
     for key in data:
         if key not in known:
-            raise ConfigError(f"unknown config key '{prefix}{key}' (known: {', '.join(known)})")
+            raise ConfigError(f"unknown config key '{_key(f'{prefix}{key}')}' (known: {', '.join(known)})")
     kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
-        raise ConfigError(f"config section '{where or 'top level'}': {exc}") from None
+        raise ConfigError(f"config section '{_key(where or 'top level')}': {exc}") from None
 
 
 def _model_config(data: Any) -> tuple[str, ModelConfig]:
@@ -387,11 +395,11 @@ def _model_config(data: Any) -> tuple[str, ModelConfig]:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"config key 'model' must be a mapping, got {data!r}")
+        raise ConfigError(f"config key 'model' must be a mapping, got {show_value(data)}")
     data = dict(data)
     preset = data.pop("preset", "base")
     if preset not in PRESETS:
-        raise ConfigError(f"unknown model preset '{preset}' (known: {', '.join(PRESETS)})")
+        raise ConfigError(f"unknown model preset {show_value(preset)} (known: {', '.join(PRESETS)})")
     if "img_size" in data:
         raise ConfigError("config key 'model.img_size' is set per stage: use 'stages.N.img_size'")
     base = dataclasses.asdict(PRESETS[preset]())
@@ -421,20 +429,21 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     A numeric path element indexes a list (``stages.1.samples=100``).
     """
     for item in overrides:
+        shown = _key(item)
         if "=" not in item:
-            raise ConfigError(f"override '{item}' must look like key=value (e.g. stages.0.samples=64)")
+            raise ConfigError(f"override '{shown}' must look like key=value (e.g. stages.0.samples=64)")
         path, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': value is not valid YAML ({exc})") from None
+            value = parse_config_yaml(raw)
+        except ValueError as exc:
+            raise ConfigError(f"override '{shown}': value is not valid YAML ({exc})") from None
         keys = path.strip().split(".")
         node: Any = data
         for i, key in enumerate(keys):
             last = i == len(keys) - 1
             if isinstance(node, list):
                 if not key.isdigit() or int(key) >= len(node):
-                    raise ConfigError(f"override '{item}': '{key}' is not an index of a "
+                    raise ConfigError(f"override '{shown}': '{_key(key)}' is not an index of a "
                                       f"{len(node)}-item list")
                 if last:
                     node[int(key)] = value
@@ -446,7 +455,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
                 else:
                     node = node.setdefault(key, {})
             else:
-                raise ConfigError(f"override '{item}': '{'.'.join(keys[:i])}' is not a mapping")
+                raise ConfigError(f"override '{shown}': '{_key('.'.join(keys[:i]))}' is not a mapping")
     return data
 
 
@@ -461,8 +470,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(f"config file '{path}' not found (shipped configs: "
                           f"{shipped_names(CONFIG_DIR)})")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        data = read_config_yaml(path)  # refuses aliases ("billion laughs"), deep nesting, huge files
+    except ValueError as exc:
         raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
     if data is None:
         data = {}

@@ -117,6 +117,11 @@ def _setup_logging(rank: int) -> None:
     fmt = "%(asctime)s %(levelname)s %(message)s" if rank == 0 else \
         f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", force=True)
+    # signed URLs, SAS tokens and URL credentials (an s3:// manifest's, say) are masked in every
+    # record, the libraries' included, as the pipeline's commands do
+    from pipeline.redact import install_redaction
+
+    install_redaction()
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 

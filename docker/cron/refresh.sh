@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scheduled dataset refresh. Exit codes (pipeline/refresh.py): 0 updated or nothing new,
 # 2 bad input / unreachable catalog / incompatible dataset, 3 no scenes, 4 another run holds
-# the lock, 5 some scenes unreadable (skipped; retried next time), 1 bug. Anything non-zero should alert: cron mails stderr, Kubernetes marks the Job failed.
+# the lock, 5 some scenes unreadable (skipped; retried next time), 6 disk full, 1 bug. Anything non-zero should alert: cron mails stderr, Kubernetes marks the Job failed.
 set -uo pipefail
 OUTPUT="${REFRESH_OUTPUT:-/data/europe}"
 AOI="${REFRESH_AOI:-europe}"
