@@ -59,6 +59,7 @@ import numpy as np
 from pipeline.config import show_value
 from pipeline.contract import READABLE_FORMATS
 from pipeline.errors import PipelineError
+from pipeline.names import UnsafeName, confined
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,10 @@ def shard_paths(root: Path, man: dict[str, Any]) -> list[tuple[str, str, Path]]:
     for ds, d in man["datasets"].items():
         for split in _splits(d):
             for sh in d["splits"][split].get("shards", []):
-                p = root / sh["path"]
+                try:  # a manifest is input: its paths stay inside the dataset (pipeline.names)
+                    p = confined(root, sh["path"], "shard path")
+                except UnsafeName as e:
+                    raise ReportError(str(e)) from None
                 if not p.is_file():
                     raise ReportError(f"shard {p} listed in the manifest is missing: the dataset is incomplete or was moved")
                 out.append((ds, split, p))

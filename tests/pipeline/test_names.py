@@ -53,3 +53,21 @@ def test_confined_follows_links_and_refuses_the_way_out(tmp_path: Path) -> None:
     os.symlink(tmp_path / "elsewhere", root / "s128_g10m")
     with pytest.raises(UnsafeName, match="leads outside"):
         confined(root, "s128_g10m/train.tar", "shard")
+
+
+def test_inspect_refuses_a_manifest_path_out_of_the_dataset(sample_dataset: Path, tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    import json
+    import shutil
+
+    from pipeline.inspect import main as inspect_main
+
+    ds = tmp_path / "ds"
+    shutil.copytree(sample_dataset, ds)
+    (tmp_path / "secret.tar").write_bytes(b"not yours")
+    man = json.loads((ds / "manifest.json").read_text())
+    next(iter(man["datasets"].values()))["splits"]["train"]["shards"][0]["path"] = "../secret.tar"
+    (ds / "manifest.json").write_text(json.dumps(man))
+    assert inspect_main([str(ds)]) == 2
+    assert "'../secret.tar' is not a relative path of plain names inside the dataset: refused" in caplog.text
+    assert not (ds / "report").exists()
