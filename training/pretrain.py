@@ -151,10 +151,18 @@ def _init_distributed() -> tuple[int, int, int]:
     import torch.distributed as dist
 
     if "RANK" not in os.environ:  # plain `python training/pretrain.py`
+        # MASTER_PORT only names DeepSpeed's CPU shared-memory region here (shm_interface.cpp);
+        # nothing listens on it. A one-process group needs no rendezvous: an in-memory store
+        # avoids the race in which another process takes a probed free port before the
+        # TCPStore binds it (EADDRINUSE seen in CI).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    if not dist.is_initialized():
-        deepspeed.init_distributed()
+        if not dist.is_initialized():
+            from deepspeed.accelerator import get_accelerator
+
+            dist.init_process_group(get_accelerator().communication_backend_name(),
+                                    store=dist.HashStore(), rank=0, world_size=1)
+    deepspeed.init_distributed()  # joins the launcher's group, or wraps the one made above
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)

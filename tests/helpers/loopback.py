@@ -1,11 +1,20 @@
-"""A minimal HTTP server on 127.0.0.1 answering every GET with a body from a callback."""
+"""A minimal HTTP server on 127.0.0.1 answering every GET with a body from a callback, and a
+free (closed) loopback port."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (just bound and released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @contextmanager

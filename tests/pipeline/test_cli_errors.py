@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.build_shards import main
+from tests.helpers.loopback import free_port
 from tests.helpers.paths import REPO
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.mark.parametrize(
@@ -48,7 +40,7 @@ def test_user_errors(args: list[str], code: int, needle: str, tmp_path: Path, ca
 
 
 def test_unreachable_catalog(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    url = f"http://127.0.0.1:{_closed_port()}/"
+    url = f"http://127.0.0.1:{free_port()}/"
     with caplog.at_level(logging.ERROR):
         assert main(["--catalog", url, "--output", str(tmp_path / "o")]) == 2
     assert "cannot open STAC API" in caplog.records[-1].getMessage()

@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,7 @@ import pytest
 
 from pipeline.build_shards import main
 from tests.helpers.faulty_http import FaultPolicy, rewrite_hrefs_to_http, serve_files
+from tests.helpers.loopback import free_port
 from tests.helpers.paths import REPO
 from tests.helpers.s3 import moto_s3
 from tests.pipeline.test_resume import _assert_same_dataset
@@ -39,14 +39,6 @@ pytestmark = pytest.mark.skipif(shutil.which("unshare") is None or os.geteuid() 
 CONFIG = "pack_pixels: 14400\ntiling: [96, {size: 32, gsd: 20}]\nretries: 1\nretry_backoff_s: 0.2\n"
 UNITS = 11
 BUCKET = "eo-datasets"
-
-
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +73,7 @@ def local_reference(http_catalog: tuple[Path, FaultPolicy], config: Path, tmp_pa
 
 class Cluster:
     def __init__(self, log_dir: Path, env: dict[str, str]) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"tcp://127.0.0.1:{self.port}"
         self.log_dir = log_dir
         self.env = env
@@ -265,5 +257,5 @@ def test_a_worker_killed_part_way_gives_the_same_dataset(cluster: Cluster, http_
 
 
 def test_unreachable_scheduler_is_one_line(tmp_path: Path) -> None:
-    assert main(["--aoi", "ireland", "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--output", str(tmp_path / "o")]) == 2
+    assert main(["--aoi", "ireland", "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--output", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "o").exists()

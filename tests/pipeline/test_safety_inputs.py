@@ -14,7 +14,6 @@ import json
 import logging
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import tarfile
@@ -31,6 +30,7 @@ from pipeline import inspect as insp
 from pipeline.build_shards import main as build_main
 from pipeline.signing import TokenSigner, strip_query
 from pipeline.stac_server import StacServerError
+from tests.helpers.loopback import free_port
 from tests.helpers.paths import REPO
 from tests.pipeline.conftest import shard_files
 
@@ -53,14 +53,6 @@ def _run(args: list[str], *, timeout: float = 120, mib: int = 3072) -> subproces
 
 def _error_lines(stderr: str) -> list[str]:
     return [ln for ln in stderr.splitlines() if " ERROR " in ln]
-
-
-def _closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 # -- 1. YAML alias bombs and unbounded values in messages -----------------------------------------
@@ -261,7 +253,7 @@ def test_signed_urls_and_tokens_are_masked_in_third_party_logs_at_verbose(cli: s
 
 
 def test_catalog_url_credentials_and_token_are_masked_in_the_error_line(tmp_path: Path) -> None:
-    url = f"http://alice:s3cret@127.0.0.1:{_closed_port()}/stac/v1?token=APITOKEN&sig=GDALSIG"
+    url = f"http://alice:s3cret@127.0.0.1:{free_port()}/stac/v1?token=APITOKEN&sig=GDALSIG"
     out = tmp_path / "o"
     r = _run(["-m", "pipeline.build_shards", "-v", "--catalog", url, "--output", str(out)], timeout=120)
     assert r.returncode == 2, r.stderr[-3000:]
@@ -273,7 +265,7 @@ def test_catalog_url_credentials_and_token_are_masked_in_the_error_line(tmp_path
 
 
 def test_token_endpoint_error_names_the_host_only() -> None:
-    signer = TokenSigner(f"http://alice:s3cret@127.0.0.1:{_closed_port()}/api/sas/v1/token/c?subscription-key=APITOKEN",
+    signer = TokenSigner(f"http://alice:s3cret@127.0.0.1:{free_port()}/api/sas/v1/token/c?subscription-key=APITOKEN",
                          timeout=5)
     with pytest.raises(Exception) as e:
         signer.sign("https://example.blob.core.windows.net/c/B04.tif")

@@ -104,7 +104,7 @@ def token_server() -> Iterator[tuple[str, list[str]]]:
         yield t
 
 
-def test_expired_signature_is_renewed(http_catalog, token_server, tmp_path: Path, report, capfd) -> None:  # type: ignore[no-untyped-def]
+def test_expired_signature_is_renewed(http_catalog, token_server, tmp_path: Path, report, capfd, caplog) -> None:  # type: ignore[no-untyped-def]
     """The storage revokes a token after its 30th request (403) until one has been refused: the
     run re-signs and finishes. (Each process signing holds its own token: the client's
     pre-flight and the worker's reads do not share one.)"""
@@ -120,16 +120,25 @@ def test_expired_signature_is_renewed(http_catalog, token_server, tmp_path: Path
         return sig.startswith("secret-")
 
     _reset(policy, token_check=check)
+    caplog.set_level(logging.DEBUG)  # in-process, pytest's handler takes the records -v would print
     out = tmp_path / "signed"
     cfg = _config(tmp_path, sign="planetary_computer", token_url=token_url)
-    rc = main(["--catalog", str(cat), "--config", str(cfg), "--output", str(out)])
+    rc = main(["-v", "--catalog", str(cat), "--config", str(cfg), "--output", str(out)])  # -v: every logger talks
     report("signature expires mid-run (HTTP 403)", f"{policy.forbidden} requests refused",
            f"exit {rc}, tokens issued {len(issued)}, identical dataset: {shard_files(out) == shard_files(clean)}")
     assert rc == 0 and policy.forbidden > 0 and len(issued) >= 2, (policy.requests, seen, issued)
     assert shard_files(out) == shard_files(clean)
-    # tokens never reach logs or the manifest
+    # tokens never reach logs (ours and third parties', at -v), the manifest, samples or the report
+    from pipeline.inspect import main as inspect_main
+
+    assert inspect_main([str(out)]) == 0
     logs = capfd.readouterr()
-    text = logs.out + logs.err + (out / "manifest.json").read_text()
-    assert "secret-" not in text
+    text = logs.out + logs.err + caplog.text + (out / "manifest.json").read_text()
+    third_party_debug = [r for r in caplog.records
+                         if r.levelno == logging.DEBUG and not r.name.startswith(("pipeline", "tests"))]
+    assert third_party_debug and "secret-" not in text
     for p in out.rglob("*.json"):
         assert "secret-" not in p.read_text()
+    for p in (out / "report").rglob("*.html"):
+        assert "secret-" not in p.read_text()
+    assert all("secret-" not in json.dumps(s["json"]) for s in read_dataset(out).values())
