@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 
 from conftest import REPO
+from tests.helpers.loopback import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -30,12 +30,6 @@ FAST = ["bf16=false", "num_workers=1", "stages.0.samples=320", "stages.0.warmup_
         "checkpoint_every=10", "image_every=20"]
 
 
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _env() -> dict[str, str]:
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     return {k: v for k, v in os.environ.items() if k not in drop} | {"DS_ACCELERATOR": "cpu"}
@@ -44,14 +38,24 @@ def _env() -> dict[str, str]:
 def _command(nproc: int, launcher: str, args: list[str]) -> list[str]:
     if launcher == "deepspeed":
         return [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc),
-                "--master_port", str(_port()), str(SCRIPT), *args]
+                "--master_port", str(free_port()), str(SCRIPT), *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(_port()), str(SCRIPT), *args]
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(SCRIPT), *args]
 
 
 def launch(cwd: Path, overrides: list[str], *, nproc: int = 2, launcher: str = "deepspeed",
            resume: bool = False, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     args = [a for o in overrides for a in ("--set", o)] + (["--resume"] if resume else [])
+    done = _launch_once(cwd, nproc, launcher, args, timeout)
+    if done.returncode != 0 and "EADDRINUSE" in done.stdout:
+        # the probed port was taken by another process before the launcher bound it: the
+        # run never started, so one more try with a new port is the same run
+        done = _launch_once(cwd, nproc, launcher, args, timeout)
+    return done
+
+
+def _launch_once(cwd: Path, nproc: int, launcher: str, args: list[str],
+                 timeout: int) -> subprocess.CompletedProcess[str]:
     proc = subprocess.Popen(_command(nproc, launcher, args), cwd=cwd, env=_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
