@@ -124,8 +124,11 @@ def mark_stages(ax: Axes, spans: Sequence[tuple[str, int, int]], *, label: bool 
         if i:
             ax.axvline(lo, color="0.35", ls="--", lw=0.8, zorder=1)
         if label:
+            # clipped and kept out of the layout: a stage that starts left of the plotted
+            # steps (a short run logs one point) would otherwise push constrained layout to
+            # collapse the axes to nothing
             ax.text(lo, 0.98, f" {name}", transform=ax.get_xaxis_transform(), va="top",
-                    fontsize=8, color="0.25")
+                    fontsize=8, color="0.25", clip_on=True, in_layout=False)
 
 
 def loss_figure(records: Sequence[dict[str, Any]], *, width_in: float = 7.0,

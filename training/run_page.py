@@ -197,8 +197,10 @@ def load_run(run_dir: Path) -> Run:
     log_path = run_dir / "train.log"
     if log_path.is_file():
         lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        # the page is shared: paths inside the run read relative to it, not as this machine's folders
-        prefixes = sorted({f"{run_dir}/", f"{run_dir.resolve()}/"}, key=len, reverse=True)
+        # the page is shared: paths inside the run read relative to it, and the code's own
+        # files (a warning names its source line) relative to where the packages are
+        # installed, not as this machine's folders
+        prefixes = sorted({f"{run_dir}/", f"{run_dir.resolve()}/", *_code_prefixes()}, key=len, reverse=True)
         run.log_tail = [_strip_prefixes(ln, prefixes) for ln in lines[-LOG_TAIL:]]
         run.log_warnings = sum(" WARNING " in ln or " ERROR " in ln for ln in lines)
     return run
@@ -236,6 +238,14 @@ def _plausible(rec: dict[str, Any]) -> bool:
     return (event is None and isinstance(rec.get("stage"), str)
             and all(_is_number(rec.get(k)) for k in NUMBER_KEYS)
             and all(rec.get(k) is None or _is_number(rec[k]) for k in OPTIONAL_NUMBER_KEYS))
+
+
+def _code_prefixes() -> set[str]:
+    """Folders holding installed code: site-packages and this project's source root."""
+    import sysconfig
+
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")} | {str(Path(__file__).resolve().parents[1])}
+    return {f"{r}/" for r in roots} | {f"{Path(r).resolve()}/" for r in roots}
 
 
 def _strip_prefixes(line: str, prefixes: list[str]) -> str:

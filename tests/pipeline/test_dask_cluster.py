@@ -89,10 +89,20 @@ class Cluster:
     def start_worker(self, name: str) -> None:
         dask = str(Path(sys.executable).parent / "dask")
         cache = Path.home() / ".cache" / "spectralgpt"
-        # the worker sees none of the client's files: fresh tmpfs over /tmp and the cache
-        script = (f"mount -t tmpfs tmpfs /tmp && mkdir -p {cache} && mount -t tmpfs tmpfs {cache} && cd /tmp && "
-                  f"exec {dask} worker {self.address} --nthreads 1 --no-nanny --no-dashboard --name {name} "
-                  f"--local-directory /tmp/{name}")
+        # the worker sees none of the client's files: fresh tmpfs over /tmp and the cache. A
+        # checkout or environment under /tmp (a CI clone, say) is bound back over the tmpfs:
+        # the worker gets the code, still none of the client's data, outputs or caches.
+        keep = sorted({p for p in (REPO, Path(sys.prefix)) if p.is_relative_to("/tmp")})
+        keep = [p for p in keep if not any(p != q and p.is_relative_to(q) for q in keep)]
+        held = [f"/mnt/keep{i}" for i in range(len(keep))]
+        script = " && ".join(
+            (["mount -t tmpfs tmpfs /mnt"] if keep else [])  # the hold points, private to the worker
+            + [f"mkdir -p {h} && mount --bind {p} {h}" for p, h in zip(keep, held, strict=True)]
+            + ["mount -t tmpfs tmpfs /tmp"]
+            + [f"mkdir -p {p} && mount --move {h} {p}" for p, h in zip(keep, held, strict=True)]
+            + [f"mkdir -p {cache} && mount -t tmpfs tmpfs {cache} && cd /tmp && "
+               f"exec {dask} worker {self.address} --nthreads 1 --no-nanny --no-dashboard --name {name} "
+               f"--local-directory /tmp/{name}"])
         self.workers[name] = subprocess.Popen(
             ["unshare", "-m", "--propagation", "private", "sh", "-c", script], env=self.env,
             stdout=open(self.log_dir / f"{name}.log", "w"), stderr=subprocess.STDOUT)

@@ -148,6 +148,41 @@ def test_page_is_self_contained_and_complete(run_dir: Path) -> None:
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".report")]  # no temp dirs
 
 
+def test_a_run_that_logged_one_step_plots_without_collapsing(tmp_path: Path) -> None:
+    """A short run logs a single point at step 2 while its stage starts at 0: the stage label
+    left of the plotted range once made constrained layout collapse the axes (a warning with
+    the library's path in train.log and on the page, and an empty plot)."""
+    import warnings
+
+    record = {"step": 2, "stage": "stage1_96px", "stage_step": 2, "loss": 14.6,
+              "loss_token": 1.32, "loss_spectral": 13.28}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fig = report.loss_figure([record])
+        fig.canvas.draw()
+    box = fig.axes[0].get_position()
+    assert box.width > 0.5 and box.height > 0.5  # the axes keep most of the figure
+
+
+def test_log_lines_name_no_folder_of_this_machine(run_dir: Path, tmp_path: Path) -> None:
+    """A warning in train.log names its source file: on the page it reads relative to the
+    installed packages, not as this machine's folders."""
+    import shutil
+    import sysconfig
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    lib = sysconfig.get_paths()["purelib"]
+    with (copy / "train.log").open("a") as f:
+        f.write(f"12:00:00 WARNING {lib}/matplotlib/figure.py:1: UserWarning: x\n"
+                f"12:00:01 WARNING {REPO}/pipeline/report_html.py:232: UserWarning: y\n"
+                f"12:00:02 INFO checkpoint {copy}/checkpoints/global_step4\n")
+    tail = "\n".join(run_page.load_run(copy).log_tail[-3:])
+    assert lib not in tail and str(REPO) not in tail and str(tmp_path) not in tail
+    assert "matplotlib/figure.py:1" in tail and "pipeline/report_html.py:232" in tail
+    assert "checkpoints/global_step4" in tail
+
+
 def test_resumed_lines_are_superseded() -> None:
     lines: list[dict[str, Any]] = [{"event": "stage_start", "stage": "s", "step": 0}]
     lines += [{"step": s, "stage": "s", "stage_step": s, "loss": 1.0} for s in (10, 20, 30)]
