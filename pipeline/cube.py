@@ -429,6 +429,8 @@ def write_cube_streaming(ds: xr.Dataset, store: Path, cfg: BuildConfig, threads:
     `on_ready()` is called once the store's metadata is written (the tiling may open it)."""
     import dask
 
+    from pipeline.zarr_chunks import recycled_empty
+
     prepared = _prepare_cube(ds, store, cfg)
     if on_ready is not None:
         on_ready()
@@ -437,26 +439,38 @@ def write_cube_streaming(ds: xr.Dataset, store: Path, cfg: BuildConfig, threads:
     if not all(targets):
         raise RuntimeError(f"{store}: not the cube's own chunk layout")
     ych, load_y = cube_row_chunks(cfg)
-    n_t, _, h, _ = dn.shape
+    n_t, n_b, h, w = dn.shape
     for t in range(n_t):
         for r0 in range(0, h, load_y):
             r1 = min(r0 + load_y, h)
-            parts = [a.map_blocks(_store_block, target=tg, origin=origin, dtype=a.dtype)
-                     for a, tg, origin in ((dn[t:t + 1, :, r0:r1, :], targets[0], (t, 0, r0, 0)),
-                                           (scl[t:t + 1, r0:r1, :], targets[1], (t, r0, 0)))]
-            block_dn, block_scl = dask.compute(*parts, scheduler="threads", num_workers=threads)
+            # Each chunk task writes its chunk file and copies its block into this row block,
+            # in parallel; computing the row as one Dask array instead assembled it in a
+            # single final task (`concatenate3`: ~0.6 CPU-s per quarter scene, serial)
+            row_dn = recycled_empty((1, n_b, r1 - r0, w), dn.dtype)
+            row_scl = recycled_empty((1, r1 - r0, w), scl.dtype)
+            tasks = [dask.delayed(_store_block)(blk, tg, row, where, tuple(o + i for o, i in zip(origin, where)))
+                     for a, tg, row, origin in ((dn[t:t + 1, :, r0:r1, :], targets[0], row_dn, (t, 0, r0, 0)),
+                                                (scl[t:t + 1, r0:r1, :], targets[1], row_scl, (t, r0, 0)))
+                     for blk, where in zip(a.to_delayed().ravel(), _block_origins(a), strict=True)]
+            dask.compute(*tasks, scheduler="threads", num_workers=threads)
             for y0 in range(r0, r1, ych):
                 y1 = min(y0 + ych, r1)
-                feed.put(t, y0, block_dn[:, :, y0 - r0:y1 - r0, :], block_scl[:, y0 - r0:y1 - r0, :])
+                feed.put(t, y0, row_dn[:, :, y0 - r0:y1 - r0, :], row_scl[:, y0 - r0:y1 - r0, :])
     return prepared.counts
 
 
-def _store_block(block: np.ndarray, target: Any, origin: tuple[int, ...], block_info: Any = None) -> np.ndarray:
-    """Write one computed block into `target` (a `zarr_chunks.ChunkedArray`) at its place in
-    the whole array (`origin` + the block's place in the part being computed); return it."""
-    where = block_info[0]["array-location"]
-    target[tuple(slice(lo + o, hi + o) for (lo, hi), o in zip(where, origin))] = block
-    return block
+def _block_origins(a: Any) -> list[tuple[int, ...]]:
+    """Offset of every block of the Dask array `a` within `a`, in `to_delayed().ravel()` order."""
+    starts = [np.cumsum((0,) + c[:-1]) for c in a.chunks]
+    return [tuple(int(s[i]) for s, i in zip(starts, idx)) for idx in np.ndindex(*a.numblocks)]
+
+
+def _store_block(block: np.ndarray, target: Any, row: np.ndarray, in_row: tuple[int, ...],
+                 in_whole: tuple[int, ...]) -> None:
+    """Write one computed block into `target` (a `zarr_chunks.ChunkedArray`) at `in_whole`
+    (its offset in the whole array) and copy it into `row` at `in_row` (its offset there)."""
+    row[tuple(slice(o, o + n) for o, n in zip(in_row, block.shape))] = block
+    target[tuple(slice(o, o + n) for o, n in zip(in_whole, block.shape))] = block
 
 
 def publish_cube(loc: Location, rel: str, store: Path, cube_hash: str, counts: dict[str, int]) -> None:

@@ -82,9 +82,13 @@ class Cluster:
             [dask, "scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"],
             env=env, stdout=open(log_dir / "scheduler.log", "w"), stderr=subprocess.STDOUT)
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
-        for i in range(2):
-            self.start_worker(f"w{i}")
-        self.wait_for(2)
+        try:
+            for i in range(2):
+                self.start_worker(f"w{i}")
+            self.wait_for(2)
+        except BaseException:
+            self.close()  # a cluster that did not come up leaves no process behind
+            raise
 
     def start_worker(self, name: str) -> None:
         dask = str(Path(sys.executable).parent / "dask")
