@@ -324,15 +324,13 @@ def _tail(path: Path, n: int = 2000) -> str:
     return text[-n:].strip()
 
 
-def _stop(proc: subprocess.Popen[str], grace: float = 10.0) -> None:
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """Stop the server child at once: it serves a read-only catalog, holds nothing to flush,
+    and its socket closes with it (uvicorn's graceful SIGTERM shutdown took ~0.2 s of every
+    build's wall time)."""
     if proc.poll() is None:
-        proc.terminate()  # SIGTERM: uvicorn shuts down gracefully (lifespan shutdown, socket closed)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            log.warning("STAC server pid %d did not stop in %.0f s: killing it", proc.pid, grace)
-            proc.kill()
-            proc.wait()
+        proc.kill()
+        proc.wait()
 
 
 def _die_with_parent() -> None:
