@@ -81,6 +81,28 @@ class ModelConfig:
     """Weight of the MSE of the spectral-group sums over all positions ("spectral-to-spectral")."""
     norm_pix_loss: bool = False
     """Normalise each token's target for the token term only (official: off)."""
+    num_dates: int = 1
+    """Dates per sample T: 1 for single-date chips ``[12, H, W]``, T for time stacks
+    ``[T, 12, H, W]`` (4D tokens over date, group, row, column). Set per stage from its data."""
+    date_encoding: Literal["sincos", "learned", "none"] = "sincos"
+    """Position of each date of a stack (T > 1 only; single dates get none, as the official
+    model): ``sincos`` from the acquisition date (year and day of year, SatMAE / Prithvi-EO-2.0:
+    revisits are irregular), ``learned`` a table over the date index (``max_dates`` rows,
+    parameters ``pos_embed_date`` / ``decoder_pos_embed_date``), ``none``."""
+    max_dates: int = 16
+    """Rows of the learned date tables (the longest stack a ``learned`` model takes)."""
+    masking: Literal["random", "tube"] = "random"
+    """``random``: tokens removed independently over all dates (MAE); ``tube``: the same
+    (group, row, column) tokens removed at every date of a stack (as video MAEs' tubes)."""
+    gsd_encoding: bool = False
+    """Add a ground-distance-aware spatial encoding (Scale-MAE): 2D sin-cos of the token grid
+    scaled by ``gsd / reference_gsd`` (the sample JSON ``gsd``), so one model trains on
+    10 m, 20 m and coarser chips. Off: the spatial table is the official one alone."""
+    reference_gsd: float = 10.0
+    """Ground distance (m/px) at which the GSD encoding's grid steps are 1."""
+    encoding_scale: float = 0.1
+    """Factor on the sin-cos date and GSD encodings (unit amplitude) before they are added to
+    tokens whose learned tables start at std 0.02 (Prithvi-EO-2.0 starts its scale at 0.1)."""
 
     def __post_init__(self) -> None:
         for name in ("img_size", "num_bands", "patch_size", "band_patch_size", "embed_dim",
@@ -100,6 +122,16 @@ class ModelConfig:
         if self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError(f"model.decoder_embed_dim {self.decoder_embed_dim} is not divisible "
                               f"by model.decoder_num_heads {self.decoder_num_heads}")
+        if not 1 <= self.num_dates <= 366:
+            raise ConfigError(f"model.num_dates must be in 1..366, got {self.num_dates}")
+        if self.date_encoding == "learned" and self.num_dates > self.max_dates:
+            raise ConfigError(f"model.num_dates {self.num_dates} exceeds model.max_dates {self.max_dates} "
+                              "(rows of the learned date table)")
+        if (self.date_encoding == "sincos" or self.gsd_encoding) and (self.embed_dim % 4 or self.decoder_embed_dim % 4):
+            raise ConfigError("model.embed_dim and model.decoder_embed_dim must be multiples of 4 for the "
+                              "sin-cos date and GSD encodings")
+        if not self.reference_gsd > 0:
+            raise ConfigError(f"model.reference_gsd must be > 0, got {self.reference_gsd}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ConfigError(f"model.mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.num_visible < 1:
@@ -122,13 +154,21 @@ class ModelConfig:
         return self.grid_size**2
 
     @property
-    def num_tokens(self) -> int:
-        """3D tokens per image, groups x spatial (576 at 96 px, 1024 at 128 px)."""
+    def tokens_per_date(self) -> int:
+        """3D tokens of one date, groups x spatial (576 at 96 px, 1024 at 128 px)."""
         return self.num_groups * self.num_spatial
 
     @property
+    def num_tokens(self) -> int:
+        """Tokens per sample N = dates x groups x spatial (one date: 576 at 96 px, 1024 at 128 px)."""
+        return self.num_dates * self.tokens_per_date
+
+    @property
     def num_visible(self) -> int:
-        """Tokens the encoder sees: ``int(N * (1 - mask_ratio))`` as in MAE (57 / 102)."""
+        """Tokens the encoder sees: ``int(N * (1 - mask_ratio))`` as in MAE (57 / 102 for one
+        date); with tube masking, that many per date times the dates."""
+        if self.masking == "tube":
+            return self.num_dates * int(self.tokens_per_date * (1 - self.mask_ratio))
         return int(self.num_tokens * (1 - self.mask_ratio))
 
     @property
@@ -151,6 +191,9 @@ class StageConfig:
     """Data set name in ``manifest.json`` (``datasets`` key), e.g. ``s96_g10m``."""
     img_size: int
     """Training image side in pixels (random-resized crops are resized to this)."""
+    dates: int = 1
+    """Dates per sample: 1 for single-date datasets (``[12, H, W]`` chips), T for time-stack
+    datasets (``[T, 12, H, W]``, e.g. ``s96_g10m_t3``); checked against the dataset's layout."""
     split: str = "train"
     samples: int | None = None
     """Stage length in samples; exactly one of ``samples`` / ``epochs``."""
@@ -186,6 +229,8 @@ class StageConfig:
             raise ConfigError(f"{where}: blr must be > 0, got {self.blr}")
         if self.img_size < 1:
             raise ConfigError(f"{where}: img_size must be >= 1, got {self.img_size}")
+        if not 1 <= self.dates <= 366:
+            raise ConfigError(f"{where}: dates must be in 1..366, got {self.dates}")
 
 
 @dataclass(frozen=True)
@@ -285,8 +330,9 @@ class RunConfig:
             raise ConfigError(f"stop_at_step must be >= 1, got {self.stop_at_step}")
 
     def model_for(self, stage: StageConfig) -> ModelConfig:
-        """The model configuration of ``stage`` (the run's model at the stage's image size)."""
-        return dataclasses.replace(self.model, img_size=stage.img_size)
+        """The model configuration of ``stage`` (the run's model at the stage's image size
+        and number of dates)."""
+        return dataclasses.replace(self.model, img_size=stage.img_size, num_dates=stage.dates)
 
     def micro_batch_for(self, stage: StageConfig) -> int:
         return stage.micro_batch or self.micro_batch
@@ -312,6 +358,7 @@ class RunConfig:
         preset = data.pop("model_preset")
         model = data.pop("model")
         model.pop("img_size")
+        model.pop("num_dates")  # per stage, as img_size
         data["model"] = {"preset": preset, **model}
         data["stages"] = [{k: v for k, v in s.items() if v is not None} for s in data["stages"]]
         for key in ("betas", "crop_scale", "crop_ratio"):
@@ -402,6 +449,8 @@ def _model_config(data: Any) -> tuple[str, ModelConfig]:
         raise ConfigError(f"unknown model preset {show_value(preset)} (known: {', '.join(PRESETS)})")
     if "img_size" in data:
         raise ConfigError("config key 'model.img_size' is set per stage: use 'stages.N.img_size'")
+    if "num_dates" in data:
+        raise ConfigError("config key 'model.num_dates' is set per stage: use 'stages.N.dates'")
     base = dataclasses.asdict(PRESETS[preset]())
     base.update(data)
     return preset, _build(ModelConfig, base, "model")

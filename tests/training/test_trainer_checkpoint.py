@@ -122,9 +122,9 @@ def test_non_finite_loss_stops_the_run_naming_the_step(
     real = SpectralMAE.forward_loss
     calls = {"n": 0}
 
-    def poisoned(self, imgs, pred, mask):
+    def poisoned(self, imgs, pred, mask, valid=None):
         calls["n"] += 1
-        loss, lt, ls = real(self, imgs, pred, mask)
+        loss, lt, ls = real(self, imgs, pred, mask, valid)
         return (loss * float("nan"), lt, ls) if calls["n"] >= 3 else (loss, lt, ls)
 
     monkeypatch.setattr(SpectralMAE, "forward_loss", poisoned)

@@ -14,6 +14,12 @@ Shapes used throughout (official base model at 128 px in brackets)::
     L  spatial positions h*w     [256]    N = G*L 3D tokens      [1024]
     K  values per token u*p*p    [192]    D / Dd  encoder / decoder width [768 / 512]
 
+Time stacks (``[B, T, 12, H, W]``, T dates, ``model.num_dates``): every date is tokenised
+alone, giving 4D tokens over (date, group, row, column), N = T*G*L, ordered date-major; a
+date encoding (sin-cos of the acquisition date, or a learned table over the date index) is
+added to every token of its date. With T = 1 and the GSD encoding off the model is the
+official one, number for number.
+
 Pipeline: patchify with a Conv3d -> add separable position tables (spatial + spectral) ->
 keep a random 10% of the 3D tokens -> ViT encoder -> linear to the decoder width -> put
 mask tokens back in place -> add decoder position tables -> ViT decoder -> linear to K
@@ -119,6 +125,36 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def sincos(pos: Tensor, dim: int) -> Tensor:
+    """1D sin-cos encoding ``[...] -> [..., dim]`` (MAE's ``get_1d_sincos_pos_embed_from_grid``):
+    ``sin(pos * w_i)`` then ``cos(pos * w_i)``, ``w_i = 10000 ** (-i / (dim / 2))``, i < dim / 2.
+    Computed in float64 (positions such as a year are large), returned as float32."""
+    half = dim // 2
+    omega = 10000.0 ** (-torch.arange(half, dtype=torch.float64, device=pos.device) / half)
+    angle = pos.to(torch.float64)[..., None] * omega
+    return torch.cat([angle.sin(), angle.cos()], dim=-1).float()
+
+
+def date_encoding(dates: Tensor, dim: int) -> Tensor:
+    """``[B, T, 2]`` (year, day of year) -> ``[B, T, dim]``: sin-cos of the year in the first
+    half, of the day of year in the second (SatMAE's and Prithvi-EO-2.0's temporal encoding).
+    The day of year carries the season; the year separates stacks of different years."""
+    return torch.cat([sincos(dates[..., 0], dim // 2), sincos(dates[..., 1], dim // 2)], dim=-1)
+
+
+def gsd_grid_encoding(grid: int, gsd_ratio: Tensor, dim: int) -> Tensor:
+    """Scale-MAE's ground-distance encoding: ``[B]`` ratios gsd / reference -> ``[B, L, dim]``.
+
+    Token (row, col) of the ``grid x grid`` token grid sits at (row, col) x ratio: 2D sin-cos
+    with the row in the first half of the dimensions and the column in the second, so a chip
+    at 20 m sees its tokens twice as far apart as one at 10 m."""
+    rows, cols = torch.meshgrid(torch.arange(grid, device=gsd_ratio.device),
+                                torch.arange(grid, device=gsd_ratio.device), indexing="ij")
+    r = gsd_ratio.to(torch.float64)[:, None]  # [B, 1]
+    return torch.cat([sincos(rows.reshape(1, -1) * r, dim // 2),
+                      sincos(cols.reshape(1, -1) * r, dim // 2)], dim=-1)
+
+
 class MAEOutput(NamedTuple):
     """What :meth:`SpectralMAE.forward` returns."""
 
@@ -129,7 +165,7 @@ class MAEOutput(NamedTuple):
     loss_spectral: Tensor
     """Scalar: MSE of the spectral-group sums over all positions ("spectral-to-spectral")."""
     pred: Tensor
-    """``[B, N, K]`` predicted values of every token (visible ones included)."""
+    """``[B, N, K]`` predicted values of every token (visible ones included), N = T*G*L."""
     mask: Tensor
     """``[B, N]`` 1 where the token was removed, 0 where the encoder saw it."""
 
@@ -138,7 +174,8 @@ class MAEOutput(NamedTuple):
 
 
 class SpectralMAE(nn.Module):
-    """SpectralGPT masked autoencoder. Input ``[B, T, H, W]`` or ``[B, 1, T, H, W]`` float."""
+    """SpectralGPT masked autoencoder. Input ``[B, 12, H, W]`` (one date; the official
+    ``[B, 1, 12, H, W]`` too) or ``[B, T, 12, H, W]`` (T = ``cfg.num_dates`` dates), float."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -164,6 +201,12 @@ class SpectralMAE(nn.Module):
         self.decoder_norm = nn.LayerNorm(dd, eps=LN_EPS)
         self.decoder_pred = nn.Linear(dd, cfg.patch_dim)
 
+        # Learned date tables exist only when asked for, so the default state dict is the
+        # official one (official weights load strictly; see load_official_state_dict).
+        if cfg.date_encoding == "learned":
+            self.pos_embed_date = nn.Parameter(torch.zeros(1, cfg.max_dates, d))
+            self.decoder_pos_embed_date = nn.Parameter(torch.zeros(1, cfg.max_dates, dd))
+
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -171,6 +214,9 @@ class SpectralMAE(nn.Module):
         for table in (self.pos_embed_spatial, self.pos_embed_temporal,
                       self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal):
             nn.init.trunc_normal_(table, std=0.02)
+        for name in DATE_TABLES:  # drawn after the official tables: their draws are unchanged
+            if hasattr(self, name):
+                nn.init.trunc_normal_(getattr(self, name), std=0.02)
         # Conv3d initialised like a Linear on its flattened kernel (as MAE does for Conv2d).
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -187,33 +233,68 @@ class SpectralMAE(nn.Module):
     # ------------------------------------------------------------------ tokens <-> pixels
 
     def patchify(self, imgs: Tensor) -> Tensor:
-        """``[B, T, H, W] -> [B, N, K]``: tokens ordered (group, row, col), values (band-in-group,
-        y, x) (official ``patchify``, L197-213)."""
+        """``[B, 12, H, W] -> [B, G*L, K]``, or ``[B, T, 12, H, W] -> [B, T*G*L, K]``: tokens
+        ordered (date, group, row, col), values (band-in-group, y, x) (official ``patchify``,
+        L197-213, per date)."""
         c = self.cfg
         b = imgs.shape[0]
+        t = imgs.shape[1] if imgs.dim() == 5 else 1
         u, p, g, h = c.band_patch_size, c.patch_size, c.num_groups, c.grid_size
-        x = imgs.reshape(b, g, u, h, p, h, p)
-        x = x.permute(0, 1, 3, 5, 2, 4, 6)  # [B, G, h, w, u, p, p]
-        return x.reshape(b, g * h * h, u * p * p)
+        x = imgs.reshape(b * t, g, u, h, p, h, p)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6)  # [B*T, G, h, w, u, p, p]
+        return x.reshape(b, t * g * h * h, u * p * p)
 
     def unpatchify(self, x: Tensor) -> Tensor:
-        """Inverse of :meth:`patchify`: ``[B, N, K] -> [B, T, H, W]``."""
+        """Inverse of :meth:`patchify`: ``[B, N, K] -> [B, 12, H, W]`` for one date's tokens,
+        ``[B, T, 12, H, W]`` for T dates' (N = T*G*L)."""
         c = self.cfg
         b = x.shape[0]
         u, p, g, h = c.band_patch_size, c.patch_size, c.num_groups, c.grid_size
-        x = x.reshape(b, g, h, h, u, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B, G, u, h, p, w, p]
-        return x.reshape(b, g * u, h * p, h * p)
+        t = x.shape[1] // c.tokens_per_date
+        x = x.reshape(b * t, g, h, h, u, p, p).permute(0, 1, 4, 2, 5, 3, 6)  # [B*T, G, u, h, p, w, p]
+        x = x.reshape(b, t, g * u, h * p, h * p)
+        return x[:, 0] if t == 1 else x
 
     def _pos_table(self, spatial: Tensor, spectral: Tensor) -> Tensor:
-        """Separable position table ``[1, N, D]``: spatial[l] + spectral[g] for token g*L + l."""
+        """Separable position table ``[1, G*L, D]``: spatial[l] + spectral[g] for token g*L + l."""
         g, n_l = spectral.shape[1], spatial.shape[1]
         return spatial.repeat(1, g, 1) + spectral.repeat_interleave(n_l, dim=1)
+
+    def _positions(self, spatial: Tensor, spectral: Tensor, date_table: Tensor | None, t: int,
+                   dates: Tensor | None, gsd: Tensor | None) -> Tensor:
+        """Everything added to the tokens of one side (encoder or decoder): ``[1 or B, N, D]``.
+
+        The official separable table, plus (option) the GSD encoding of every spatial
+        position, repeated over the groups, plus (T > 1) each date's encoding on every token
+        of that date. Single dates with the GSD encoding off get the official table alone.
+        """
+        c = self.cfg
+        pos = self._pos_table(spatial, spectral)  # [1, G*L, D]
+        dim = pos.shape[-1]
+        if c.gsd_encoding:
+            ratio = (gsd.to(pos.device) if gsd is not None else torch.full((1,), c.reference_gsd, device=pos.device))
+            enc = gsd_grid_encoding(c.grid_size, ratio / c.reference_gsd, dim)  # [B or 1, L, D]
+            pos = pos + c.encoding_scale * enc.to(pos.dtype).repeat(1, c.num_groups, 1)
+        if t == 1:
+            return pos
+        if c.date_encoding == "sincos":
+            if dates is None:
+                raise ValueError("a time stack needs its acquisition dates ([B, T, 2] year and day of "
+                                 "year) for model.date_encoding 'sincos'")
+            per_date = c.encoding_scale * date_encoding(dates.to(pos.device), dim).to(pos.dtype)  # [B, T, D]
+        elif c.date_encoding == "learned":
+            assert date_table is not None
+            per_date = date_table[:, :t]  # [1, T, D]
+        else:
+            per_date = pos.new_zeros(1, t, dim)
+        out = pos[:, None] + per_date[:, :, None]  # [B or 1, T, G*L, D]
+        return out.reshape(out.shape[0], -1, dim)  # token t*G*L + g*L + l
 
     # ------------------------------------------------------------------ masking
 
     @staticmethod
     def random_masking(
-        x: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        x: Tensor, mask_ratio: float, generator: torch.Generator | None = None, *, tubes: int = 1,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Keep a uniformly random subset of tokens per sample (MAE ``random_masking``).
 
@@ -221,14 +302,25 @@ class SpectralMAE(nn.Module):
             x: ``[B, N, D]`` tokens.
             mask_ratio: fraction removed; ``int(N * (1 - ratio))`` tokens are kept.
             generator: optional RNG for reproducible masks (tests, reconstruction images).
+            tubes: T > 1 for tube masking of T dates (tokens date-major, N = T*M): one noise
+                value per (group, row, col) shared by its T dates, so the same M-positions are
+                kept at every date: ``T * int(M * (1 - ratio))`` tokens in all.
 
         Returns:
             ``x_kept [B, n_keep, D]``, ``mask [B, N]`` (1 = removed), ``ids_restore [B, N]``.
         """
         b, n, d = x.shape
-        n_keep = int(n * (1 - mask_ratio))
-        noise = torch.rand(b, n, device=x.device, generator=generator)
-        ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the lowest noise is kept
+        if tubes > 1:
+            per = n // tubes
+            n_keep = tubes * int(per * (1 - mask_ratio))
+            # the T copies of a noise value are equal, so a stable sort keeps them adjacent
+            # and the kept prefix is made of whole tubes
+            noise = torch.rand(b, per, device=x.device, generator=generator).repeat(1, tubes)
+            ids_shuffle = torch.argsort(noise, dim=1, stable=True)
+        else:
+            n_keep = int(n * (1 - mask_ratio))
+            noise = torch.rand(b, n, device=x.device, generator=generator)
+            ids_shuffle = torch.argsort(noise, dim=1)  # ascending: the lowest noise is kept
         ids_restore = torch.argsort(ids_shuffle, dim=1)
         ids_keep = ids_shuffle[:, :n_keep]
         x_kept = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, d))
@@ -240,43 +332,57 @@ class SpectralMAE(nn.Module):
     # ------------------------------------------------------------------ encoder / decoder
 
     def forward_encoder(
-        self, imgs: Tensor, mask_ratio: float, generator: torch.Generator | None = None
+        self, imgs: Tensor, mask_ratio: float, generator: torch.Generator | None = None, *,
+        dates: Tensor | None = None, gsd: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``[B, 1, T, H, W]`` -> latent ``[B, n_keep, D]``, mask ``[B, N]``, ids_restore ``[B, N]``."""
-        x = self.patch_embed(imgs)  # [B, G, L, D]
-        x = x.reshape(x.shape[0], -1, x.shape[-1])  # [B, N, D], token = group * L + spatial
+        """``[B, T, 12, H, W]`` (T dates; the official ``[B, 1, 12, H, W]`` is T = 1) -> latent
+        ``[B, n_keep, D]``, mask ``[B, N]``, ids_restore ``[B, N]``.
+
+        ``dates`` ``[B, T, 2]`` (year, day of year) and ``gsd`` ``[B]`` (m/px) feed the date
+        and GSD encodings when the config uses them."""
+        b, t = imgs.shape[:2]
+        x = self.patch_embed(imgs.reshape(b * t, 1, *imgs.shape[2:]))  # [B*T, G, L, D]
+        x = x.reshape(b, -1, x.shape[-1])  # [B, N, D], token = (date * G + group) * L + spatial
         # Adding positions before masking equals the official gather-after-masking (L277-290).
-        x = x + self._pos_table(self.pos_embed_spatial, self.pos_embed_temporal)
-        x, mask, ids_restore = self.random_masking(x, mask_ratio, generator)
+        x = x + self._positions(self.pos_embed_spatial, self.pos_embed_temporal,
+                                getattr(self, "pos_embed_date", None), t, dates, gsd)
+        tubes = t if self.cfg.masking == "tube" else 1
+        x, mask, ids_restore = self.random_masking(x, mask_ratio, generator, tubes=tubes)
         for blk in self.blocks:
             x = blk(x)
         return self.norm(x), mask, ids_restore
 
-    def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
+    def forward_decoder(self, latent: Tensor, ids_restore: Tensor, *, dates: Tensor | None = None,
+                        gsd: Tensor | None = None) -> Tensor:
         """latent ``[B, n_keep, D]`` -> predictions ``[B, N, K]`` for every token."""
         x = self.decoder_embed(latent)  # [B, n_keep, Dd]
         b, n_keep, dd = x.shape
         n = ids_restore.shape[1]
         x = torch.cat([x, self.mask_token.expand(b, n - n_keep, dd)], dim=1)
         x = torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, dd))  # unshuffle
-        x = x + self._pos_table(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal)
+        x = x + self._positions(self.decoder_pos_embed_spatial, self.decoder_pos_embed_temporal,
+                                getattr(self, "decoder_pos_embed_date", None),
+                                n // self.cfg.tokens_per_date, dates, gsd)
         for blk in self.decoder_blocks:
             x = blk(x)
         return self.decoder_pred(self.decoder_norm(x))
 
     # ------------------------------------------------------------------ loss
 
-    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor,
+                     valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Multi-target loss (official ``forward_loss``, L413-465), computed in float32.
 
         * token term: mean over the K values of (pred - target)^2, averaged over masked tokens;
         * spectral term: sum prediction and target over the G spectral groups at every
-          spatial position and value offset (``[B, L, K]``), then MSE over all positions
-          (visible included, as in the official code, which uses an all-ones mask there).
+          date, spatial position and value offset (``[B, T, L, K]``), then MSE over all of
+          them (visible included, as in the official code, which uses an all-ones mask there).
 
         Args:
-            imgs: ``[B, T, H, W]`` normalised input.
+            imgs: ``[B, 12, H, W]`` or ``[B, T, 12, H, W]`` normalised input.
             pred: ``[B, N, K]``; mask: ``[B, N]`` (1 = removed).
+            valid: ``[B, T]`` 1 for dates with data, 0 for a missing date (all nodata) of a
+                stack, which is left out of both terms; None: every date counts.
 
         Returns:
             total, token term, spectral term (scalars).
@@ -285,16 +391,24 @@ class SpectralMAE(nn.Module):
         target = self.patchify(imgs).float()  # [B, N, K]
         pred = pred.float()
         mask = mask.float()
-        b = target.shape[0]
-        group_sum = (target.view(b, c.num_groups, c.num_spatial, -1).sum(1),  # [B, L, K]
-                     pred.view(b, c.num_groups, c.num_spatial, -1).sum(1))
+        b, n, k = target.shape
+        t = n // c.tokens_per_date
+        group_sum = (target.view(b, t, c.num_groups, c.num_spatial, k).sum(2),  # [B, T, L, K]
+                     pred.view(b, t, c.num_groups, c.num_spatial, k).sum(2))
         if c.norm_pix_loss:  # official: normalises only the token term's target (L448-451)
             mean = target.mean(-1, keepdim=True)
             var = target.var(-1, keepdim=True)
             target = (target - mean) / (var + 1e-6) ** 0.5
         loss_token = ((pred - target) ** 2).mean(-1)  # [B, N]
-        loss_token = (loss_token * mask).sum() / mask.sum()
-        loss_spectral = ((group_sum[1] - group_sum[0]) ** 2).mean()
+        spectral = (group_sum[1] - group_sum[0]) ** 2  # [B, T, L, K]
+        if valid is None:
+            loss_token = (loss_token * mask).sum() / mask.sum()
+            loss_spectral = spectral.mean()
+        else:
+            per_date = valid.float().to(mask.device)  # [B, T]
+            weight = mask * per_date.repeat_interleave(c.tokens_per_date, dim=1)
+            loss_token = (loss_token * weight).sum() / weight.sum().clamp_min(1.0)
+            loss_spectral = (spectral.mean(dim=(2, 3)) * per_date).sum() / per_date.sum().clamp_min(1.0)
         loss = c.token_loss_weight * loss_token + c.spectral_loss_weight * loss_spectral
         return loss, loss_token, loss_spectral
 
@@ -303,19 +417,36 @@ class SpectralMAE(nn.Module):
         imgs: Tensor,
         mask_ratio: float | None = None,
         generator: torch.Generator | None = None,
+        *,
+        dates: Tensor | None = None,
+        gsd: Tensor | None = None,
+        valid: Tensor | None = None,
     ) -> MAEOutput:
-        """Mask, encode, decode and score a batch ``[B, T, H, W]`` (or ``[B, 1, T, H, W]``)."""
+        """Mask, encode, decode and score a batch.
+
+        Args:
+            imgs: ``[B, 12, H, W]`` (one date; also the official ``[B, 1, 12, H, W]``) or
+                ``[B, T, 12, H, W]`` with T = ``cfg.num_dates``.
+            mask_ratio: override of ``cfg.mask_ratio``.
+            generator: RNG for the mask (tests, reconstruction images).
+            dates: ``[B, T, 2]`` (year, day of year) of every date; needed for T > 1 with
+                the ``sincos`` date encoding.
+            gsd: ``[B]`` ground distance in m/px (the sample JSON ``gsd``), for the GSD
+                encoding; None: ``cfg.reference_gsd``.
+            valid: ``[B, T]`` dates with data (see :meth:`forward_loss`).
+        """
         if imgs.dim() == 4:
             imgs = imgs.unsqueeze(1)
         c = self.cfg
-        expected = (1, c.num_bands, c.img_size, c.img_size)
-        if tuple(imgs.shape[1:]) != expected:
+        expected = (c.num_dates, c.num_bands, c.img_size, c.img_size)
+        if imgs.dim() != 5 or tuple(imgs.shape[1:]) != expected:
             raise ValueError(f"expected input [B, {', '.join(map(str, expected))}], "
                              f"got {list(imgs.shape)}")
         ratio = c.mask_ratio if mask_ratio is None else mask_ratio
-        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator)
-        pred = self.forward_decoder(latent, ids_restore)
-        loss, loss_token, loss_spectral = self.forward_loss(imgs[:, 0], pred, mask)
+        latent, mask, ids_restore = self.forward_encoder(imgs, ratio, generator, dates=dates, gsd=gsd)
+        pred = self.forward_decoder(latent, ids_restore, dates=dates, gsd=gsd)
+        loss, loss_token, loss_spectral = self.forward_loss(
+            imgs[:, 0] if c.num_dates == 1 else imgs, pred, mask, valid)
         return MAEOutput(loss, loss_token, loss_spectral, pred, mask)
 
     # ------------------------------------------------------------------ bookkeeping
@@ -335,6 +466,8 @@ def _is_decoder(name: str) -> bool:
 # --------------------------------------------------------------------------- weight transfer
 
 SPATIAL_TABLES = ("pos_embed_spatial", "decoder_pos_embed_spatial")
+#: learned date tables (``model.date_encoding: learned``): not in official or single-date files
+DATE_TABLES = ("pos_embed_date", "decoder_pos_embed_date")
 
 
 def interpolate_spatial_table(table: Tensor, grid: int) -> Tensor:
@@ -393,6 +526,9 @@ def load_official_state_dict(
     state = {k.removeprefix("module."): v for k, v in state.items()}  # DDP-saved files
     state = adapt_state_dict(state, model, spatial_pos)
     own = model.state_dict()
+    # A model with learned date tables starts them fresh (trunc-normal 0.02, as drawn at
+    # construction) from a file that has none: official weights, single-date runs.
+    state.update({k: own[k] for k in DATE_TABLES if k in own and k not in state})
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
