@@ -94,6 +94,8 @@ class ShardSet:
     """Samples in each shard per the manifest; a shard that ends early is bad."""
     version: int | None = None
     """Dataset version read (None: a manifest without ``versions``, read as it is)."""
+    dates: int = 1
+    """Dates per sample: 1 for ``CHW`` chips, T for ``TCHW`` time stacks."""
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint or an export records about the data: enough to normalise alike."""
@@ -250,9 +252,17 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
     bands = tuple(manifest.get("bands") or ())
     shape = list(entry.get("shape") or [])
     layout = entry.get("layout", "CHW")
-    if layout != "CHW" or len(shape) != 3:
+    if layout == "TCHW" and len(shape) == 4:
+        dates, shape = int(shape[0]), shape[1:]
+    elif layout == "CHW" and len(shape) == 3:
+        dates = 1
+    else:
         raise DataError(f"data set '{dataset}' has layout {layout} {shape}; the trainer takes "
-                        f"single-date CHW chips")
+                        f"CHW chips and TCHW time stacks")
+    if dates != model.num_dates:
+        have = "single-date chips" if dates == 1 else f"time stacks of {dates} dates"
+        raise DataError(f"data set '{dataset}' holds {have} but the stage is set for "
+                        f"{model.num_dates} date(s): set 'dates: {dates}' in the stage")
     if len(bands) != model.num_bands or shape[0] != model.num_bands:
         raise DataError(f"data set '{dataset}' has {shape[0]} bands ({len(bands)} in the "
                         f"manifest) but the model expects num_bands={model.num_bands}")
@@ -284,7 +294,7 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
                     tuple(float(m) for m in mean), tuple(std),
                     shard_bytes=tuple(_opt_int(s.get("bytes")) for s in shard_entries),
                     shard_samples=tuple(_opt_int(s.get("num_samples")) for s in shard_entries),
-                    version=resolved)
+                    version=resolved, dates=dates)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -575,6 +585,10 @@ class ShardStream(IterableDataset):
 
     Yields dicts ``{"image": [C, S, S] float32, "worker": stream id, "index": int, "key": str,
     "bad_samples": int, "bad_shards": int}`` (the last two: the stream's counts so far).
+    Time stacks: ``image`` is ``[T, C, S, S]`` (the same crop and flip on every date), plus
+    ``dates`` ``[T, 2]`` (year, day of year, from the sample JSON ``datetimes``) and
+    ``valid`` ``[T]`` (0 for a date without any valid pixel). Every sample also carries
+    ``gsd`` (m/px, from the sample JSON) when the model's GSD encoding is on.
 
     Bad data (``run.on_bad_data``): a shard whose size differs from the manifest's, that
     is not a readable tar, or that ends before its listed sample count is *bad*; a sample
@@ -601,7 +615,11 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.shuffle_initial = run.shuffle_buffer, run.shuffle_initial
         self.on_bad_data = run.on_bad_data
         self.num_bands = len(shard_set.bands)
-        self.chip_shape = (self.num_bands, shard_set.chip_size, shard_set.chip_size)
+        self.dates = shard_set.dates
+        self.chip_shape = ((self.dates,) if self.dates > 1 else ()) + (
+            self.num_bands, shard_set.chip_size, shard_set.chip_size)
+        # the sample JSON is parsed only when the model needs what it holds
+        self.want_json = self.dates > 1 or run.model.gsd_encoding
         self.expected_bytes = dict(zip(shard_set.shards, shard_set.shard_bytes))
         self.expected_samples = dict(zip(shard_set.shards, shard_set.shard_samples))
         self.mean = torch.tensor(shard_set.mean, dtype=torch.float32)
@@ -662,10 +680,10 @@ class ShardStream(IterableDataset):
                                        f"(truncated or replaced)")
                     for key, members in tar_samples(fh):
                         count += 1
-                        chip = self._check_sample(key, members, url, worker, health)
-                        if chip is not None:
+                        checked = self._check_sample(key, members, url, worker, health)
+                        if checked is not None:
                             since_good.clear()
-                            yield {"__key__": key, "__url__": url, "chip": chip}
+                            yield {"__key__": key, "__url__": url, **checked}
                 listed = self.expected_samples.get(url)
                 if listed is not None and count != listed:
                     raise BadShard(f"it ends after {count} of its {listed} samples")
@@ -677,11 +695,15 @@ class ShardStream(IterableDataset):
                 self._bad(f"shard {url} is unreadable ({reason})", "shard", worker, health)
 
     def _check_sample(self, key: str, members: dict[str, bytes], url: str, worker: int,
-                      health: StreamHealth) -> np.ndarray | None:
+                      health: StreamHealth) -> dict[str, Any] | None:
+        """``{"chip": array}`` (plus ``dates`` and ``gsd`` when wanted), or None if bad."""
         try:
             if "npy" not in members:
                 raise ValueError(f"has no .npy member (members: {', '.join(members)})")
-            return decode_chip(members["npy"], self.chip_shape)
+            out: dict[str, Any] = {"chip": decode_chip(members["npy"], self.chip_shape)}
+            if self.want_json:
+                out.update(_sample_meta(members.get("json"), self.dates))
+            return out
         except ValueError as exc:
             self._bad(f"sample '{key}' in {url} {exc}", "sample", worker, health)
             return None
@@ -699,15 +721,56 @@ class ShardStream(IterableDataset):
                        health.bad_shards, health.bad_samples)
 
     def transform(self, sample: dict[str, Any], worker: int, index: int) -> dict[str, Any]:
-        """Normalise, random-resized-crop and flip one checked sample."""
+        """Normalise, random-resized-crop and flip one checked sample (a stack's dates as
+        one: the same crop and flip on every date)."""
         x = torch.from_numpy(sample["chip"].astype(np.float32))  # DN; reflectance = DN / 10000
-        x = normalise(x, x != NODATA, self.normalisation, self.mean, self.std)
+        t = self.dates
+        valid = x != NODATA
+        if t > 1:  # [T, C, H, W] -> [T*C, H, W]: bands of every date side by side
+            x, valid = x.flatten(0, 1), valid.flatten(0, 1)
+        x = normalise(x, valid, self.normalisation, self.mean.repeat(t), self.std.repeat(t))
         rng = np.random.default_rng([self.seed, self.stage_index, self.generation, self.rank,
                                      worker, index])
         x = random_resized_crop(x, self.img_size, self.crop_scale, self.crop_ratio, rng)
         if self.hflip and rng.random() < 0.5:
             x = x.flip(-1)
-        return {"image": x, "worker": worker, "index": index, "key": sample["__key__"]}
+        out = {"image": x, "worker": worker, "index": index, "key": sample["__key__"]}
+        if t > 1:
+            out["image"] = x.view(t, self.num_bands, self.img_size, self.img_size)
+            out["dates"] = sample["dates"]
+            # a date with no valid pixel (nodata over the whole chip) is left out of the loss
+            out["valid"] = valid.view(t, -1).any(dim=1).float()
+        if "gsd" in sample:
+            out["gsd"] = sample["gsd"]
+        return out
+
+
+def _sample_meta(raw: bytes | None, dates: int) -> dict[str, Any]:
+    """``dates`` ``[T, 2]`` float32 (year, day of year) and ``gsd`` (m/px) from a sample's
+    JSON member; ValueError naming what is missing or wrong (the sample is then bad data)."""
+    import datetime as dt
+
+    try:
+        meta = json.loads(raw or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError("has no readable .json member (needed for dates and GSD)") from None
+    if not isinstance(meta, dict):
+        raise ValueError("has a .json member that is not an object")
+    stamps = meta.get("datetimes")
+    if not isinstance(stamps, list) or len(stamps) != dates:
+        raise ValueError(f"has {len(stamps) if isinstance(stamps, list) else 'no'} datetimes in its "
+                         f".json, expected {dates}")
+    rows = []
+    for stamp in stamps:
+        try:
+            when = dt.datetime.fromisoformat(str(stamp)[:19])
+        except ValueError:
+            raise ValueError(f"has a datetime {str(stamp)[:40]!r} that is not ISO 8601") from None
+        rows.append((float(when.year), float(when.timetuple().tm_yday)))
+    gsd = meta.get("gsd")
+    if not isinstance(gsd, (int, float)) or isinstance(gsd, bool) or not 0 < gsd < 1e5:
+        raise ValueError(f"has a gsd {str(gsd)[:20]!r} that is not a positive number")
+    return {"dates": torch.tensor(rows, dtype=torch.float32), "gsd": float(gsd)}
 
 
 def make_loader(stream: ShardStream, *, micro_batch: int, num_workers: int,

@@ -95,8 +95,16 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
 
 
-def _save_images(ctx: StageContext, batch_image: torch.Tensor, step: int) -> None:
-    """Reconstruct the first sample of the batch with a fixed mask; rank 0 writes the PNG.
+def model_inputs(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """What the model takes from a batch besides the image: ``dates`` and ``valid`` of time
+    stacks, ``gsd`` for the GSD encoding (see :class:`training.data.ShardStream`)."""
+    return {k: batch[k].to(device, torch.float32) for k in ("dates", "valid", "gsd") if k in batch}
+
+
+def _save_images(ctx: StageContext, batch_image: torch.Tensor, step: int,
+                 extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Reconstruct the first sample of the batch with a fixed mask; rank 0 writes the PNG
+    (a time stack: one row per date).
 
     Runs on every rank: under ZeRO-3 the forward pass gathers parameters collectively.
     """
@@ -106,10 +114,10 @@ def _save_images(ctx: StageContext, batch_image: torch.Tensor, step: int) -> Non
     gen = torch.Generator(device=ctx.device)
     gen.manual_seed(ctx.run.seed)
     with torch.no_grad():
-        out = model(x, generator=gen)
+        out = model(x, generator=gen, **{k: v[:1] for k, v in (extra or {}).items()})
     if ctx.rank != 0:
         return
-    pred = model.unpatchify(out.pred.float())[0]  # [T, H, W]
+    pred = model.unpatchify(out.pred.float())[0]  # [C, H, W], or [T, C, H, W] for a stack
     token_mask = out.mask.float()[:, :, None].expand(-1, -1, ctx.model_cfg.patch_dim)
     mask = model.unpatchify(token_mask)[0]
     image = x[0].float()
@@ -149,7 +157,7 @@ def train_stage(ctx: StageContext) -> StageResult:
     window = {"loss": 0.0, "loss_token": 0.0, "loss_spectral": 0.0, "steps": 0,
               "step_time": 0.0, "data_wait": 0.0}
     stage_t0 = time.perf_counter()
-    last_image = None
+    last_image, last_extra = None, None
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = ctx.schedule.lr(step)
@@ -163,13 +171,14 @@ def train_stage(ctx: StageContext) -> StageResult:
             data_wait += time.perf_counter() - t_data
             track(ctx.position, ctx.rank, batch)
             x = batch["image"].to(ctx.device, ctx.dtype, non_blocking=True)
-            out = engine(x, generator=_mask_generator(ctx, step, micro))
+            extra = model_inputs(batch, ctx.device)
+            out = engine(x, generator=_mask_generator(ctx, step, micro), **extra)
             engine.backward(out.loss)
             sums += torch.stack([out.loss.detach(), out.loss_token.detach(),
                                  out.loss_spectral.detach()]).double()
             if micro < ctx.accumulation - 1:
                 engine.step()  # not a boundary: DeepSpeed only advances its micro-step count
-            last_image = x
+            last_image, last_extra = x, extra
         sums = _all_reduce_mean(sums / ctx.accumulation, ctx.world_size)
         loss, loss_token, loss_spectral = sums.cpu().tolist()
         global_step = state.global_step + 1
@@ -196,7 +205,7 @@ def train_stage(ctx: StageContext) -> StageResult:
         last_step = done == total
         stop = run.stop_at_step is not None and global_step >= run.stop_at_step
         if done % run.image_every == 0 or last_step:
-            _save_images(ctx, last_image, global_step)
+            _save_images(ctx, last_image, global_step, last_extra)
         if done % run.checkpoint_every == 0 or last_step or stop:
             state = dataclasses.replace(state,
                                         data_position=_gather_position(ctx).to_dict())

@@ -57,7 +57,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
 
 from training import checkpoint, report  # noqa: E402
 from training.checkpoint import TrainerState  # noqa: E402
-from training.config import RunConfig, StageConfig, dump_config, load_config  # noqa: E402
+from training.config import ModelConfig, RunConfig, StageConfig, dump_config, load_config  # noqa: E402
 from training.data import (  # noqa: E402
     DataPosition,
     ShardSet,
@@ -250,7 +250,7 @@ def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan
         "event": "stage_start", "stage": stage.name, "stage_index": index,
         "dataset": f"{shard_set.dataset}/{shard_set.split}", "shards": len(shard_set.shards),
         "dataset_version": getattr(shard_set, "version", None),
-        "dataset_samples": shard_set.num_samples, "img_size": m.img_size,
+        "dataset_samples": shard_set.num_samples, "img_size": m.img_size, "dates": m.num_dates,
         "world_size": world_size, "device": str(device),
         "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
         "effective_batch": plan.global_batch, "blr": stage.blr, "lr": plan.peak_lr,
@@ -347,7 +347,7 @@ RESUME_KEYS = ("manifest", "dataset_version", "normalisation", "seed", "micro_ba
                "global_batch", "weight_decay", "betas", "decay_pos_embed", "grad_clip", "bf16",
                "crop_scale", "crop_ratio", "hflip", "shuffle_buffer", "shuffle_initial")
 #: The same for each stage (``stages.N.<key>``).
-RESUME_STAGE_KEYS = ("dataset", "split", "img_size", "samples", "epochs", "blr",
+RESUME_STAGE_KEYS = ("dataset", "split", "img_size", "dates", "samples", "epochs", "blr",
                      "warmup_samples", "warmup_epochs", "min_lr", "pos_embed", "micro_batch",
                      "global_batch")
 
@@ -377,7 +377,11 @@ def config_changes(run: RunConfig, saved: dict[str, Any], saved_stage: int,
     if names != [s["name"] for s in current["stages"]]:
         raise ConfigError(f"--resume: the checkpoint's stages {names} differ from the "
                           f"config's; resume with the config the run started with")
-    if saved.get("model") != current["model"]:
+    # keys newer than the checkpoint (absent there) count as unchanged at their defaults
+    defaults = {"num_dates": 1, **dataclasses.asdict(ModelConfig())}
+    saved_model = saved.get("model") or {}
+    now_model = {k: v for k, v in current["model"].items() if k in saved_model or v != defaults.get(k)}
+    if saved_model != now_model:
         raise ConfigError("--resume: the model section differs from the checkpoint's; "
                           "resume with the config the run started with")
     changed: dict[str, dict[str, Any]] = {}
@@ -397,8 +401,10 @@ def config_changes(run: RunConfig, saved: dict[str, Any], saved_stage: int,
                                   f"{old_stage.get(key)} to {new_stage.get(key)}, but the "
                                   f"checkpoint holds that stage's weights at "
                                   f"{old_stage.get(key)} px; keep it")
-            # to_dict leaves out unset (None) stage keys: absent on both sides is equal
-            compare(f"stages.{index}.{key}", old_stage.get(key), new_stage.get(key))
+            # to_dict leaves out unset (None) stage keys: absent on both sides is equal; a
+            # checkpoint from before time stacks trained single dates
+            old = old_stage.get(key, 1 if key == "dates" else None)
+            compare(f"stages.{index}.{key}", old, new_stage.get(key))
     if saved_data and shard_sets is not None and saved_stage < len(shard_sets):
         now = shard_sets[saved_stage].describe()
         old = {k: saved_data[k] for k in ("dataset", "split", "version", "mean", "std")

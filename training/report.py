@@ -230,10 +230,11 @@ def save_reconstruction(path: Path, image: np.ndarray, recon: np.ndarray, mask: 
 
     Args:
         path: ``images/<stage>_step<N>.png``; the group figure goes to :func:`groups_path`.
-        image: ``[T, H, W]`` normalised input.
-        recon: ``[T, H, W]`` model output with the visible pixels pasted back (MAE style).
-        mask: ``[T, H, W]`` 1 where the pixel's 3D token was removed.
-        bands: band names of the T axis (RGB = B04, B03, B02).
+        image: ``[C, H, W]`` normalised input, or ``[T, C, H, W]`` for a time stack (one
+            row of panels per date).
+        recon: the same shape: model output with the visible pixels pasted back (MAE style).
+        mask: the same shape: 1 where the pixel's token was removed.
+        bands: band names of the C axis (RGB = B04, B03, B02).
         title: figure title (stage, step, loss of the sample).
         band_patch_size: bands per token, i.e. per spectral group.
 
@@ -242,26 +243,34 @@ def save_reconstruction(path: Path, image: np.ndarray, recon: np.ndarray, mask: 
     comparable. In the middle panel each hidden red, green or blue value is set to mid-grey
     per channel: B04 falls in another spectral group than B03/B02 and is masked apart.
     """
+    stack = image.ndim == 4  # a time stack [T, C, H, W]: one row of panels per date
+    images, recons, masks = (image, recon, mask) if stack else (image[None], recon[None], mask[None])
     idx = list(rgb_indices(bands))
-    rgb_in = np.moveaxis(image[idx], 0, -1)  # [H, W, 3]
-    rgb_out = np.moveaxis(recon[idx], 0, -1)
-    hidden = np.moveaxis(mask[idx], 0, -1) > 0.5
-    lo = np.percentile(rgb_in, 2, axis=(0, 1))
-    hi = np.percentile(rgb_in, 98, axis=(0, 1))
-    masked = _stretch(rgb_in, lo, hi)
-    masked[hidden] = 0.5
-    panels = [("input (RGB)", _stretch(rgb_in, lo, hi)),
-              (f"masked ({hidden.mean():.0%} of RGB values hidden)", masked),
-              ("reconstruction + visible", _stretch(rgb_out, lo, hi))]
-    fig = new_figure(9, 3.4)
-    for ax, (name, img) in zip(fig.subplots(1, 3), panels, strict=True):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_title(name, fontsize=9)
-        ax.axis("off")
+    rgb_in = np.moveaxis(images[:, idx], 1, -1)  # [T, H, W, 3]
+    rgb_out = np.moveaxis(recons[:, idx], 1, -1)
+    hidden = np.moveaxis(masks[:, idx], 1, -1) > 0.5
+    # one stretch for every date, from the input: colours compare across dates too
+    lo = np.percentile(rgb_in, 2, axis=(0, 1, 2))
+    hi = np.percentile(rgb_in, 98, axis=(0, 1, 2))
+    n = len(images)
+    fig = new_figure(9, 3.4 if n == 1 else 0.6 + 2.9 * n)
+    axes = fig.subplots(n, 3, squeeze=False)
+    for t in range(n):
+        masked = _stretch(rgb_in[t], lo, hi)
+        masked[hidden[t]] = 0.5
+        date = f"date {t + 1}: " if stack else ""
+        panels = [(f"{date}input (RGB)", _stretch(rgb_in[t], lo, hi)),
+                  (f"masked ({hidden[t].mean():.0%} of RGB values hidden)", masked),
+                  ("reconstruction + visible", _stretch(rgb_out[t], lo, hi))]
+        for ax, (name, img) in zip(axes[t], panels, strict=True):
+            ax.imshow(img, interpolation="nearest")
+            ax.set_title(name, fontsize=9)
+            ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
     _write_figure(fig, path)
-    _write_figure(group_figure(image, recon, mask, bands, title=title,
+    # per spectral group: the first date of a stack
+    _write_figure(group_figure(images[0], recons[0], masks[0], bands, title=title,
                                band_patch_size=band_patch_size), groups_path(path))
 
 

@@ -1,0 +1,170 @@
+"""Time stacks and several resolutions through the trainer, on a dataset the pipeline built.
+
+The dataset: 13 synthetic scenes (`tools.synth`, 768 px), of which tile 35MNM is seen on 3
+dates (2024-06-12, -17, -22), tiled by `pipeline.build_shards` with the shipped
+`timeseries` config into `s96_g10m`, `s96_g20m` and `s96_g10m_t3` (about 5 s).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.config import load_config
+from training.data import (
+    NODATA,
+    DataPosition,
+    ShardStream,
+    iterate,
+    make_loader,
+    normalise,
+    random_resized_crop,
+    read_shard_set,
+    tar_samples,
+    track,
+)
+from training.errors import DataError
+
+CONFIG = "tiny_timeseries_cpu"
+TILE_BBOX = "--bbox=26.99,-7.31,27.07,-7.23"  # tile 35MNM, the one seen on 3 dates
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.build_shards import main as build
+    from tools.synth import generate_scenes
+
+    root = tmp_path_factory.mktemp("timeseries")
+    catalog = generate_scenes(root / "scenes", 13, 768, 0)
+    out = root / "ds"
+    assert build(["--catalog", str(catalog), TILE_BBOX, "--max-cloud", "100", "--config", "timeseries",
+                  "--output", str(out)]) == 0
+    return out / "manifest.json"
+
+
+def _run(manifest: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return load_config(CONFIG, [f"manifest={manifest}", *extra])
+
+
+def test_the_pipeline_wrote_every_kind_the_config_trains_on(manifest: Path) -> None:
+    m = json.loads(manifest.read_text())["datasets"]
+    assert (m["s96_g10m_t3"]["layout"], m["s96_g10m_t3"]["shape"]) == ("TCHW", [3, 12, 96, 96])
+    assert m["s96_g20m"]["shape"] == [12, 96, 96] and m["s96_g10m"]["layout"] == "CHW"
+
+
+def test_a_stack_dataset_needs_a_stage_set_for_its_dates(manifest: Path) -> None:
+    run = _run(manifest)
+    stage = run.stages[2]
+    ss = read_shard_set(manifest, stage.dataset, stage.split, run.model_for(stage))
+    assert ss.dates == 3
+    one_date = run.model_for(run.stages[0])
+    with pytest.raises(DataError, match=r"time stacks of 3 dates .* set 'dates: 3'"):
+        read_shard_set(manifest, "s96_g10m_t3", "train", one_date)
+    with pytest.raises(DataError, match=r"single-date chips .* set 'dates: 1'"):
+        read_shard_set(manifest, "s96_g10m", "train", run.model_for(stage))
+
+
+def _raw_sample(manifest: Path) -> tuple[str, np.ndarray, dict]:
+    shard = next((manifest.parent / "s96_g10m_t3").rglob("*.tar"))
+    with shard.open("rb") as fh:
+        key, members = next(iter(tar_samples(fh)))
+    chip = np.load(__import__("io").BytesIO(members["npy"]))
+    return key, chip, json.loads(members["json"])
+
+
+def _stream(manifest: Path, run, index: int = 2) -> ShardStream:  # type: ignore[no-untyped-def]
+    stage = run.stages[index]
+    ss = read_shard_set(manifest, stage.dataset, stage.split, run.model_for(stage))
+    return ShardStream(ss, run, stage, stage_index=index, rank=0, world_size=1,
+                       position=DataPosition.start(1, 1))
+
+
+@pytest.mark.parametrize("normalisation", ["dataset_stats", "per_image_minmax"])
+def test_every_date_of_a_stack_gets_the_same_crop_and_flip(manifest: Path, normalisation: str) -> None:
+    run = _run(manifest, f"normalisation={normalisation}", "crop_scale=[0.3,0.6]")
+    stream = _stream(manifest, run)
+    key, chip, meta = _raw_sample(manifest)
+    dates = torch.tensor([[2024.0, 164.0], [2024.0, 169.0], [2024.0, 174.0]])  # 12, 17, 22 June 2024
+    assert meta["datetimes"][0].startswith("2024-06-12")
+    for index in range(4):  # several draws: some flipped, all cropped differently
+        out = stream.transform({"__key__": key, "chip": chip, "dates": dates, "gsd": 10.0}, 0, index)
+        assert out["image"].shape == (3, 12, 96, 96) and out["valid"].tolist() == [1.0, 1.0, 1.0]
+        for t in range(3):  # by hand, date t alone, with the stream's own seed for this sample
+            rng = np.random.default_rng([run.seed, 2, 0, 0, 0, index])
+            x = torch.from_numpy(chip[t].astype(np.float32))
+            x = normalise(x, x != NODATA, normalisation, stream.mean, stream.std)
+            x = random_resized_crop(x, 96, run.crop_scale, run.crop_ratio, rng)
+            if run.hflip and rng.random() < 0.5:
+                x = x.flip(-1)
+            assert torch.allclose(out["image"][t], x, atol=1e-5), (index, t)
+
+
+def test_dates_come_from_the_samples_json_and_a_missing_date_is_flagged(manifest: Path) -> None:
+    run = _run(manifest)
+    batch = next(iter(iterate(make_loader(_stream(manifest, run), micro_batch=2, num_workers=0,
+                                          num_batches=1))))
+    assert batch["image"].shape == (2, 3, 12, 96, 96)
+    assert batch["dates"].tolist() == [[[2024.0, 164.0], [2024.0, 169.0], [2024.0, 174.0]]] * 2
+    assert batch["gsd"].tolist() == [10.0, 10.0]
+    key, chip, _ = _raw_sample(manifest)
+    chip = chip.copy()
+    chip[1] = 0  # the second date all nodata
+    out = _stream(manifest, run).transform({"__key__": key, "chip": chip, "dates": batch["dates"][0]}, 0, 0)
+    assert out["valid"].tolist() == [1.0, 0.0, 1.0]
+
+
+def test_stack_streams_resume_exactly(manifest: Path) -> None:
+    run = _run(manifest, "shuffle_buffer=4", "shuffle_initial=2")
+
+    def batches(position: DataPosition, n: int) -> list[dict]:
+        stream = ShardStream(*_stream_args(manifest, run), stage_index=2, rank=0, world_size=1,
+                             position=position)
+        out = []
+        for b in iterate(make_loader(stream, micro_batch=2, num_workers=0, num_batches=n)):
+            track(position, 0, b)
+            out.append(b)
+        return out
+
+    full = batches(DataPosition.start(1, 1), 6)
+    first = DataPosition.start(1, 1)
+    batches(first, 2)
+    rest = batches(DataPosition.from_dict(json.loads(json.dumps(first.to_dict()))).resumed(1, 1), 4)
+    for a, b in zip(full[2:], rest, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["dates"], b["dates"])
+
+
+def _stream_args(manifest: Path, run):  # type: ignore[no-untyped-def]
+    stage = run.stages[2]
+    return (read_shard_set(manifest, stage.dataset, stage.split, run.model_for(stage)), run, stage)
+
+
+def test_tiny_trains_through_10m_20m_and_3_date_stacks(manifest: Path, tmp_path: Path) -> None:
+    """As the run book's example: one config, three stages, default model settings."""
+    from training.pretrain import main
+
+    out = tmp_path / "run"
+    rc = main(["--config", CONFIG, "--set", f"manifest={manifest}", "--set", f"output_dir={out}",
+               "--set", "num_workers=0", "--set", "stages.0.samples=160", "--set", "stages.1.samples=80",
+               "--set", "stages.2.samples=80", "--set", "log_every=2"])
+    assert rc == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    starts = [r for r in records if r.get("event") == "stage_start"]
+    assert [(r["stage"], r["dates"], r["tokens_per_sample"]) for r in starts] == [
+        ("s1_10m", 1, 576), ("s2_20m", 1, 576), ("s3_10m_t3", 3, 3 * 576)]
+    losses = [r for r in records if "loss" in r]
+    assert {r["stage"] for r in losses} == {"s1_10m", "s2_20m", "s3_10m_t3"}
+    assert all(np.isfinite(r["loss"]) for r in losses)
+    assert np.mean([r["loss"] for r in losses[-3:]]) < np.mean([r["loss"] for r in losses[:3]])
+    assert (out / "checkpoints" / "latest").is_file()
+    state = json.loads((out / "checkpoints" / "global_step40" / "trainer_state.json").read_text())
+    assert state["stage_name"] == "s3_10m_t3"
+    from PIL import Image
+
+    with Image.open(out / "images" / "s3_10m_t3_step0000040.png") as stack, \
+            Image.open(out / "images" / "s1_10m_step0000020.png") as single:
+        # one row of panels per date: three rows against a single date's one
+        assert stack.width == single.width and stack.height > 2.5 * single.height
