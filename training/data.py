@@ -96,6 +96,8 @@ class ShardSet:
     """Dataset version read (None: a manifest without ``versions``, read as it is)."""
     dates: int = 1
     """Dates per sample: 1 for ``CHW`` chips, T for ``TCHW`` time stacks."""
+    gsd: float | None = None
+    """Ground distance of the chips in m/px, as the manifest records it (None: not recorded)."""
 
     def describe(self) -> dict[str, Any]:
         """What a checkpoint or an export records about the data: enough to normalise alike."""
@@ -290,11 +292,14 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
     def _opt_int(value: Any) -> int | None:
         return int(value) if value is not None else None
 
+    def _opt_float(value: Any) -> float | None:
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
     return ShardSet(dataset, split, tuple(shards), num_samples, chip, bands,
                     tuple(float(m) for m in mean), tuple(std),
                     shard_bytes=tuple(_opt_int(s.get("bytes")) for s in shard_entries),
                     shard_samples=tuple(_opt_int(s.get("num_samples")) for s in shard_entries),
-                    version=resolved, dates=dates)
+                    version=resolved, dates=dates, gsd=_opt_float(entry.get("gsd")))
 
 
 # --------------------------------------------------------------------------- transforms

@@ -251,6 +251,7 @@ def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan
         "dataset": f"{shard_set.dataset}/{shard_set.split}", "shards": len(shard_set.shards),
         "dataset_version": getattr(shard_set, "version", None),
         "dataset_samples": shard_set.num_samples, "img_size": m.img_size, "dates": m.num_dates,
+        "gsd": getattr(shard_set, "gsd", None),
         "world_size": world_size, "device": str(device),
         "micro_batch": plan.micro_batch, "accumulation": plan.accumulation,
         "effective_batch": plan.global_batch, "blr": stage.blr, "lr": plan.peak_lr,

@@ -462,6 +462,15 @@ def _run_facts(run: Run) -> list[tuple[str, Any]]:
     ]
 
 
+def _input_shape(start: dict[str, Any]) -> str:
+    """``96 px · 20 m · T 3``: what a stage trains on (size, GSD when recorded, dates)."""
+    parts = [f"{fmt_num(start.get('img_size'))} px"]
+    if _is_number(start.get("gsd")):
+        parts.append(f"{start['gsd']:g} m")
+    parts.append(f"T {fmt_num(start.get('dates', 1))}")
+    return DOT.join(parts)
+
+
 def _summary(run: Run, page: Page) -> None:
     page.headline = _headline(run)
     rows: list[list[Any]] = []
@@ -474,7 +483,7 @@ def _summary(run: Run, page: Page) -> None:
         recs = by_stage.get(name, [])
         batch = (f"{s.get('micro_batch')} {TIMES} {s.get('accumulation')} {TIMES} "
                  f"{s.get('world_size')} = {s.get('effective_batch')}")
-        rows.append([name, s.get("dataset"), s.get("img_size"), Cell(esc(batch), True),
+        rows.append([name, s.get("dataset"), Cell(esc(_input_shape(s)), True), Cell(esc(batch), True),
                      s.get("blr"), s.get("lr"), s.get("warmup_steps"),
                      Cell(f"{_num(_done(run, name))} / {_num(s.get('steps'))}", True),
                      s.get("tokens_per_step"), recs[-1]["loss"] if recs else None])
@@ -487,12 +496,13 @@ def _summary(run: Run, page: Page) -> None:
         blocks.append('<p class="warn">No loss logged yet: the first record appears after '
                       f"log_every = {esc(run.config.get('log_every', '?'))} steps.</p>")
     blocks.append(table(
-        ["stage", "dataset", "px", "batch", "blr", "peak LR", "warm-up", "steps",
+        ["stage", "dataset", "input", "batch", "blr", "peak LR", "warm-up", "steps",
          "tokens / step", "last loss"], rows,
-        caption=f"stages: batch = micro-batch {TIMES} accumulation {TIMES} processes = effective "
+        caption=f"stages: input = chip side, ground distance and dates per sample (T); "
+                f"batch = micro-batch {TIMES} accumulation {TIMES} processes = effective "
                 f"batch; peak LR = blr {TIMES} effective batch / 256; warm-up and steps in "
                 "optimizer steps (done / planned)",
-        numeric=(2, 3, 4, 5, 6, 7, 8, 9), table_id="stages"))
+        numeric=(3, 4, 5, 6, 7, 8, 9), table_id="stages"))
     config = run.run_dir / "config.yaml"
     if config.is_file():
         text = config.read_text(encoding="utf-8", errors="replace")

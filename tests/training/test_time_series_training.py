@@ -162,6 +162,8 @@ def test_tiny_trains_through_10m_20m_and_3_date_stacks(manifest: Path, tmp_path:
     assert (out / "checkpoints" / "latest").is_file()
     state = json.loads((out / "checkpoints" / "global_step40" / "trainer_state.json").read_text())
     assert state["stage_name"] == "s3_10m_t3"
+    page = (out / "report" / "index.html").read_text()
+    assert "96 px \u00b7 20 m \u00b7 T 1" in page and "96 px \u00b7 10 m \u00b7 T 3" in page
     from PIL import Image
 
     with Image.open(out / "images" / "s3_10m_t3_step0000040.png") as stack, \
