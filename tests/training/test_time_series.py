@@ -195,3 +195,34 @@ def test_official_weights_load_into_a_learned_date_model_with_fresh_tables() -> 
 def test_bad_time_options_are_refused(kw: dict, needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         ModelConfig(**kw)
+
+
+@pytest.mark.parametrize("encoding", ["sincos", "learned"])
+def test_the_evaluation_encoder_takes_stacks_as_pretraining_saw_them(encoding: str) -> None:
+    """Unmasked, the evaluation encoder equals the pretraining encoder with nothing removed
+    (its tokens put back in order); features pool over tokens and dates."""
+    from training.evaluation.heads import Classifier, Encoder, pool
+
+    m = _model(num_dates=3, date_encoding=encoding).eval()
+    x, dates = _stack(2, 3), DATES.expand(2, -1, -1)
+    with torch.no_grad():
+        latent, _, ids_restore = m.forward_encoder(x, 0.0, torch.Generator().manual_seed(0), dates=dates)
+        in_order = torch.gather(latent, 1, ids_restore[..., None].expand(-1, -1, latent.shape[-1]))
+        enc = Encoder(m)
+        tokens = enc(x, dates)
+    assert tokens.shape == (2, 3, m.cfg.num_groups, m.cfg.num_spatial, m.cfg.embed_dim)
+    assert torch.allclose(tokens.reshape(2, -1, m.cfg.embed_dim), in_order, atol=1e-5)
+    head = Classifier(enc, 5, probe=True)
+    assert torch.allclose(head.features(x) if encoding == "learned" else pool(tokens),
+                          tokens.mean(dim=(1, 2, 3)), atol=1e-6)
+
+
+def test_the_evaluation_encoder_without_dates_encodes_each_date_alone() -> None:
+    from training.evaluation.heads import Encoder
+
+    m = _model(num_dates=3).eval()
+    x = _stack(2, 3)
+    with torch.no_grad():
+        tokens = Encoder(m)(x)
+        for t in range(3):
+            assert torch.allclose(tokens[:, t], Encoder(m)(x[:, t]), atol=1e-6)

@@ -30,11 +30,19 @@ from torch import Tensor, nn
 from training.models.spectral_mae import SpectralMAE
 
 __all__ = ["ChangeModel", "Classifier", "DenseHead", "Encoder", "SegmentationModel",
-           "param_groups_lrd"]
+           "param_groups_lrd", "pool"]
 
 
 class Encoder(nn.Module):
-    """``[B, T, H, W]`` normalised image -> tokens ``[B, G, L, D]`` (all tokens, no mask)."""
+    """``[B, 12, H, W]`` normalised image -> tokens ``[B, G, L, D]`` (all tokens, no mask);
+    a time stack ``[B, T, 12, H, W]`` -> ``[B, T, G, L, D]``.
+
+    A stack's dates are encoded jointly, as in pretraining: all T x G x L tokens attend to
+    each other, each date's tokens carrying its date encoding (``dates`` ``[B, T, 2]``, year
+    and day of year, for the ``sincos`` encoding; the learned table needs none). Without
+    ``dates`` a ``sincos`` model encodes each date alone (no date term), so stacks of any
+    length and any dates still give features.
+    """
 
     def __init__(self, mae: SpectralMAE) -> None:
         super().__init__()
@@ -42,6 +50,8 @@ class Encoder(nn.Module):
         self.patch_embed = mae.patch_embed
         self.pos_embed_spatial = mae.pos_embed_spatial
         self.pos_embed_temporal = mae.pos_embed_temporal
+        if hasattr(mae, "pos_embed_date"):
+            self.pos_embed_date = mae.pos_embed_date
         self.blocks = mae.blocks
         self.norm = mae.norm
 
@@ -49,7 +59,9 @@ class Encoder(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, dates: Tensor | None = None) -> Tensor:
+        if x.dim() == 5:
+            return self._stack(x, dates)
         x = self.patch_embed(x.unsqueeze(1))  # [B, G, L, D]
         x = x + self.pos_embed_spatial[:, None] + self.pos_embed_temporal[:, :, None]
         b, g, n_l, d = x.shape
@@ -58,9 +70,34 @@ class Encoder(nn.Module):
             x = blk(x)
         return self.norm(x).reshape(b, g, n_l, d)
 
+    def _stack(self, x: Tensor, dates: Tensor | None) -> Tensor:
+        from training.models.spectral_mae import date_encoding
+
+        b, t = x.shape[:2]
+        tokens = self.patch_embed(x.reshape(b * t, 1, *x.shape[2:]))  # [B*T, G, L, D]
+        tokens = tokens + self.pos_embed_spatial[:, None] + self.pos_embed_temporal[:, :, None]
+        _, g, n_l, d = tokens.shape
+        tokens = tokens.reshape(b, t, g * n_l, d)
+        if t > 1 and self.cfg.date_encoding == "learned":
+            tokens = tokens + self.pos_embed_date[:, :t, None]
+        elif t > 1 and self.cfg.date_encoding == "sincos" and dates is not None:
+            enc = self.cfg.encoding_scale * date_encoding(dates.to(x.device), d).to(tokens.dtype)
+            tokens = tokens + enc[:, :, None]
+        elif t > 1 and self.cfg.date_encoding == "sincos":  # no dates: each date on its own
+            return self.forward(x.reshape(b * t, *x.shape[2:])).reshape(b, t, g, n_l, d)
+        tokens = tokens.reshape(b, t * g * n_l, d)
+        for blk in self.blocks:
+            tokens = blk(tokens)
+        return self.norm(tokens).reshape(b, t, g, n_l, d)
+
+
+def pool(tokens: Tensor) -> Tensor:
+    """Mean over every token: ``[B, G, L, D]`` or ``[B, T, G, L, D]`` (dates too) -> ``[B, D]``."""
+    return tokens.mean(dim=tuple(range(1, tokens.dim() - 1)))
+
 
 class Classifier(nn.Module):
-    """Encoder -> mean over tokens -> head. ``head`` maps ``[B, D] -> [B, C]``."""
+    """Encoder -> mean over tokens (and dates) -> head. ``head`` maps ``[B, D] -> [B, C]``."""
 
     def __init__(self, encoder: Encoder, num_classes: int, *, probe: bool) -> None:
         super().__init__()
@@ -72,7 +109,7 @@ class Classifier(nn.Module):
         nn.init.zeros_(self.head.bias)
 
     def features(self, x: Tensor) -> Tensor:
-        return self.encoder(x).mean(dim=(1, 2))  # [B, D]
+        return pool(self.encoder(x))  # [B, D]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))

@@ -43,7 +43,7 @@ from training.evaluation import metrics
 from training.evaluation.checkpoints import Normalisation, normalise
 from training.evaluation.errors import EvaluationError
 from training.evaluation.heads import (ChangeModel, Classifier, Encoder, SegmentationModel,
-                                       param_groups_lrd)
+                                       param_groups_lrd, pool)
 from training.evaluation.readers import ChangeData, ClassificationData, SegmentationData
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def extract_features(encoder: Encoder, data: ClassificationData, indices: Sequen
     encoder.eval()
     out = []
     for x, _ in _loader(data, indices, norm, size, s, shuffle=False):
-        out.append(encoder(x.to(s.device)).mean(dim=(1, 2)).float().cpu())
+        out.append(pool(encoder(x.to(s.device))).float().cpu())  # over tokens (and dates of a stack)
     return torch.cat(out)
 
 
