@@ -28,6 +28,7 @@ nanoGPT ``GPTConfig`` are the models; nanoGPT's ``exec``-based configurator is a
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -182,13 +183,29 @@ PosEmbedInit = Literal["interpolate", "reinit"]
 
 
 @dataclass(frozen=True)
+class DatasetWeight:
+    """One dataset of a mixed stage and its share of the micro-batches."""
+
+    name: str
+    """Data set name in ``manifest.json``."""
+    weight: float = 1.0
+    """Relative share: micro-batches are drawn from the datasets in proportion to it."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class StageConfig:
     """One stage of progressive pretraining (official: 96 px fMoW-S2, then 128 px BigEarthNet)."""
 
     name: str
     """Label used in logs, metrics and checkpoint metadata."""
-    dataset: str
-    """Data set name in ``manifest.json`` (``datasets`` key), e.g. ``s96_g10m``."""
+    dataset: str | None = None
+    """Data set name in ``manifest.json`` (``datasets`` key), e.g. ``s96_g10m``; or use
+    ``datasets``."""
+    datasets: tuple[DatasetWeight, ...] = ()
+    """Several data sets drawn with weights, e.g. ``[{name: s96_g10m, weight: 2}, {name:
+    s96_g20m, weight: 1}]``: each micro-batch comes whole from one of them (uniform shapes),
+    chosen by a seeded draw, so the mix is deterministic and resumes exactly. All must hold
+    the stage's ``dates``; each is normalised with its own statistics."""
     img_size: int
     """Training image side in pixels (random-resized crops are resized to this)."""
     dates: int = 1
@@ -217,6 +234,13 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         where = f"stage {show_value(self.name, 80)}"
+        if (self.dataset is None) == (not self.datasets):
+            raise ConfigError(f"{where}: set exactly one of 'dataset' or 'datasets'")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{where}: a data set is listed twice in 'datasets'")
+        if any(not (d.weight > 0 and math.isfinite(d.weight)) for d in self.datasets):
+            raise ConfigError(f"{where}: every 'datasets' weight must be a positive number")
         if (self.samples is None) == (self.epochs is None):
             raise ConfigError(f"{where}: set exactly one of 'samples' or 'epochs'")
         if self.samples is not None and self.samples < 1:
@@ -340,6 +364,11 @@ class RunConfig:
     def global_batch_for(self, stage: StageConfig) -> int:
         return stage.global_batch or self.global_batch
 
+    @staticmethod
+    def stage_datasets(stage: StageConfig) -> tuple[DatasetWeight, ...]:
+        """The stage's data sets with their weights (one of weight 1 for ``dataset``)."""
+        return stage.datasets or (DatasetWeight(stage.dataset or ""),)
+
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else Path("runs") / self.name
@@ -360,7 +389,8 @@ class RunConfig:
         model.pop("img_size")
         model.pop("num_dates")  # per stage, as img_size
         data["model"] = {"preset": preset, **model}
-        data["stages"] = [{k: v for k, v in s.items() if v is not None} for s in data["stages"]]
+        data["stages"] = [{k: (list(v) if k == "datasets" else v) for k, v in s.items()
+                           if v is not None and not (k == "datasets" and not v)} for s in data["stages"]]
         for key in ("betas", "crop_scale", "crop_ratio"):
             data[key] = list(data[key])
         return data

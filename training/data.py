@@ -34,7 +34,7 @@ import math
 import os
 import random
 import tarfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -103,6 +103,73 @@ class ShardSet:
         """What a checkpoint or an export records about the data: enough to normalise alike."""
         return {"dataset": self.dataset, "split": self.split, "version": self.version,
                 "bands": list(self.bands), "mean": list(self.mean), "std": list(self.std)}
+
+
+@dataclass(frozen=True)
+class MixedShardSet:
+    """The data sets of a mixed stage (``StageConfig.datasets``), read and checked each, with
+    their weights; the trainer's bookkeeping reads it like one :class:`ShardSet`."""
+
+    parts: tuple[ShardSet, ...]
+    weights: tuple[float, ...]
+
+    @property
+    def dataset(self) -> str:
+        """``s96_g10m x2 + s96_g20m x1``: the mix as logs and metrics name it."""
+        return " + ".join(f"{p.dataset} x{w:g}" for p, w in zip(self.parts, self.weights))
+
+    @property
+    def split(self) -> str:
+        return self.parts[0].split
+
+    @property
+    def shards(self) -> tuple[str, ...]:
+        return tuple(s for p in self.parts for s in p.shards)
+
+    @property
+    def num_samples(self) -> int:
+        """Samples of all the data sets (what ``epochs`` counts over)."""
+        return sum(p.num_samples for p in self.parts)
+
+    @property
+    def bands(self) -> tuple[str, ...]:
+        return self.parts[0].bands
+
+    @property
+    def version(self) -> int | None:
+        return self.parts[0].version
+
+    @property
+    def dates(self) -> int:
+        return self.parts[0].dates
+
+    @property
+    def gsd(self) -> float | None:
+        """The common ground distance, or None when the data sets differ (or do not say)."""
+        values = {p.gsd for p in self.parts}
+        return values.pop() if len(values) == 1 else None
+
+    def describe(self) -> dict[str, Any]:
+        """Every part's description and weight; ``bands``/``mean``/``std`` are the first data
+        set's (what an export of this stage records for normalising downstream data)."""
+        first = self.parts[0].describe()
+        return {"dataset": self.dataset, "split": self.split, "version": self.version,
+                "bands": first["bands"], "mean": first["mean"], "std": first["std"],
+                "parts": [{**p.describe(), "weight": w} for p, w in zip(self.parts, self.weights)]}
+
+
+def read_stage_data(manifest_path: str | Path, datasets: Sequence[tuple[str, float]], split: str,
+                    model: ModelConfig, *, version: int | str = "latest") -> ShardSet | MixedShardSet:
+    """:func:`read_shard_set` for a stage's ``(name, weight)`` data sets: the one
+    :class:`ShardSet`, or a :class:`MixedShardSet` of several (each checked against the
+    model: same bands, the stage's dates, chips of at least its size)."""
+    parts = [read_shard_set(manifest_path, name, split, model, version=version) for name, _ in datasets]
+    if len(parts) == 1:
+        return parts[0]
+    if len({p.bands for p in parts}) != 1:
+        raise DataError(f"the data sets of a mixed stage ({', '.join(p.dataset for p in parts)}) have "
+                        "different bands")
+    return MixedShardSet(tuple(parts), tuple(float(w) for _, w in datasets))
 
 
 def _read_manifest(location: str) -> dict[str, Any]:
@@ -638,24 +705,31 @@ class ShardStream(IterableDataset):
             return shards[self.rank * num_workers + worker::streams]
         return shards
 
-    def __iter__(self) -> Iterator[dict[str, Any]]:
+    def worker(self) -> tuple[int, int]:
+        """(this stream's id, number of streams of the rank) in a DataLoader worker."""
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Worker k serves stream (k + first_stream) % n so a resumed loader, which always
         # starts with worker 0, continues the turn order where the stopped run left it.
-        worker = (worker + self.first_stream) % num_workers
+        return (worker + self.first_stream) % num_workers, num_workers
+
+    def raw_samples(self, worker: int, num_workers: int, health: StreamHealth) -> Iterator[dict[str, Any]]:
+        """Stream ``worker``'s checked, shuffled samples, not transformed (endless)."""
         seed = _stream_seed(self.seed, self.stage_index, self.generation, self.rank, worker)
         shards = self.shards_for(worker, num_workers)
-        health = StreamHealth()
-        pipeline = wds.DataPipeline(
+        return iter(wds.DataPipeline(
             # worker_seed is constant: the seed above already identifies rank and worker
             # (wds' default reads RANK from the environment and would double-count it).
             wds.ResampledShards(shards, seed=seed, worker_seed=lambda: 0, deterministic=True),
             lambda sources: self._checked_samples(sources, shards, worker, health),
             wds.shuffle(self.shuffle_buffer, self.shuffle_initial, rng=random.Random(seed)),
-        )
+        ))
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker, num_workers = self.worker()
+        health = StreamHealth()
         skip = self.skip[worker] if worker < len(self.skip) else 0
-        for index, sample in enumerate(pipeline):
+        for index, sample in enumerate(self.raw_samples(worker, num_workers, health)):
             if index < skip:  # fast-forward on resume: checked, not transformed
                 continue
             yield {**self.transform(sample, worker, index),
@@ -778,7 +852,45 @@ def _sample_meta(raw: bytes | None, dates: int) -> dict[str, Any]:
     return {"dates": torch.tensor(rows, dtype=torch.float32), "gsd": float(gsd)}
 
 
-def make_loader(stream: ShardStream, *, micro_batch: int, num_workers: int,
+class MixedStream(IterableDataset):
+    """The sample stream of one rank in a stage of several data sets (``StageConfig.datasets``).
+
+    Every ``micro_batch`` consecutive samples of a stream (one micro-batch: the loader batches
+    each worker's samples in order) come from one data set, drawn with the stage's weights by
+    an RNG seeded per seed, stage, rank and stream: batches have one shape, and the mix is
+    the same in every run. The running index covers the mixed stream, so a resumed run
+    replays the draws while it skips and continues exactly. Yields what :class:`ShardStream`
+    yields (each data set normalised with its own statistics), plus ``dataset``, the index
+    of the data set drawn.
+    """
+
+    def __init__(self, streams: Sequence[ShardStream], weights: Sequence[float], micro_batch: int) -> None:
+        super().__init__()
+        self.streams = list(streams)
+        p = np.asarray(weights, dtype=np.float64)
+        self.p = p / p.sum()
+        self.micro_batch = micro_batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        lead = self.streams[0]
+        worker, num_workers = lead.worker()
+        healths = [StreamHealth() for _ in self.streams]
+        subs = [s.raw_samples(worker, num_workers, h) for s, h in zip(self.streams, healths, strict=True)]
+        draw = np.random.default_rng([lead.seed, lead.stage_index, lead.generation, lead.rank, worker, 1])
+        skip = lead.skip[worker] if worker < len(lead.skip) else 0
+        index = 0
+        while True:
+            k = int(draw.choice(len(subs), p=self.p))
+            for _ in range(self.micro_batch):
+                sample = next(subs[k])
+                if index >= skip:  # before: fast-forward on resume, checked, not transformed
+                    yield {**self.streams[k].transform(sample, worker, index), "dataset": k,
+                           "bad_samples": sum(h.bad_samples for h in healths),
+                           "bad_shards": sum(h.bad_shards for h in healths)}
+                index += 1
+
+
+def make_loader(stream: ShardStream | MixedStream, *, micro_batch: int, num_workers: int,
                 num_batches: int, pin_memory: bool = False) -> wds.WebLoader:
     """Batches of ``micro_batch`` from ``stream``; an epoch is ``num_batches`` batches.
 

@@ -40,7 +40,7 @@ import torch
 
 from training import checkpoint
 from training.config import ModelConfig, RunConfig, config_from_dict
-from training.data import read_shard_set
+from training.data import read_stage_data
 from training.errors import (
     CheckpointError,
     DiskFullError,
@@ -151,8 +151,8 @@ def _data_from_manifest(run: RunConfig, stage_name: str) -> dict[str, Any]:
     ``TrainerState.data``; empty (with a warning) when the manifest cannot be read."""
     stage = next(s for s in run.stages if s.name == stage_name)
     try:
-        return read_shard_set(run.manifest, stage.dataset, stage.split, run.model_for(stage),
-                              version=run.dataset_version).describe()
+        return read_stage_data(run.manifest, [(d.name, d.weight) for d in run.stage_datasets(stage)],
+                               stage.split, run.model_for(stage), version=run.dataset_version).describe()
     except TrainingError as exc:
         logger.warning("the export has no data statistics (the checkpoint predates them and "
                        "the manifest is unreadable: %s); evaluation will need --manifest", exc)

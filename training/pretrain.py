@@ -60,11 +60,13 @@ from training.checkpoint import TrainerState  # noqa: E402
 from training.config import ModelConfig, RunConfig, StageConfig, dump_config, load_config  # noqa: E402
 from training.data import (  # noqa: E402
     DataPosition,
+    MixedShardSet,
+    MixedStream,
     ShardSet,
     ShardStream,
     iterate,
     make_loader,
-    read_shard_set,
+    read_stage_data,
 )
 from training.engine import StageContext, train_stage  # noqa: E402
 from training.errors import (  # noqa: E402
@@ -200,7 +202,7 @@ class StagePlan:
     peak_lr: float
 
 
-def plan_stage(run: RunConfig, stage: StageConfig, shard_set: ShardSet,
+def plan_stage(run: RunConfig, stage: StageConfig, shard_set: ShardSet | MixedShardSet,
                world_size: int) -> StagePlan:
     """Steps, warm-up, accumulation and LR of ``stage`` (LR = blr x effective batch / 256)."""
     mb, gb = run.micro_batch_for(stage), run.global_batch_for(stage)
@@ -242,7 +244,7 @@ def deepspeed_config(run: RunConfig, plan: StagePlan, *, load_universal: bool) -
 
 
 def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan,
-                 shard_set: ShardSet, model: SpectralMAE, world_size: int, device: torch.device,
+                 shard_set: ShardSet | MixedShardSet, model: SpectralMAE, world_size: int, device: torch.device,
                  ds_cfg: dict) -> dict:
     m = model.cfg
     enc, dec = model.encoder_parameters(), model.decoder_parameters()
@@ -348,7 +350,7 @@ RESUME_KEYS = ("manifest", "dataset_version", "normalisation", "seed", "micro_ba
                "global_batch", "weight_decay", "betas", "decay_pos_embed", "grad_clip", "bf16",
                "crop_scale", "crop_ratio", "hflip", "shuffle_buffer", "shuffle_initial")
 #: The same for each stage (``stages.N.<key>``).
-RESUME_STAGE_KEYS = ("dataset", "split", "img_size", "dates", "samples", "epochs", "blr",
+RESUME_STAGE_KEYS = ("dataset", "datasets", "split", "img_size", "dates", "samples", "epochs", "blr",
                      "warmup_samples", "warmup_epochs", "min_lr", "pos_embed", "micro_batch",
                      "global_batch")
 
@@ -360,7 +362,7 @@ def _show(value: Any) -> str:
 
 def config_changes(run: RunConfig, saved: dict[str, Any], saved_stage: int,
                    saved_data: dict[str, Any] | None = None,
-                   shard_sets: list[ShardSet] | None = None) -> dict[str, dict[str, Any]]:
+                   shard_sets: list[ShardSet | MixedShardSet] | None = None) -> dict[str, dict[str, Any]]:
     """The data and optimisation keys whose value differs from the checkpoint's.
 
     Returns ``{key: {"checkpoint": old, "now": new}}`` for :data:`RESUME_KEYS`, every
@@ -415,7 +417,7 @@ def config_changes(run: RunConfig, saved: dict[str, Any], saved_stage: int,
     return changed
 
 
-def _check_resume_config(run: RunConfig, state: TrainerState, shard_sets: list[ShardSet],
+def _check_resume_config(run: RunConfig, state: TrainerState, shard_sets: list[ShardSet | MixedShardSet],
                          *, tag: str, allow_change: bool) -> dict[str, dict[str, Any]]:
     """Refuse a resume whose data or optimisation config differs from the checkpoint's.
 
@@ -433,7 +435,7 @@ def _check_resume_config(run: RunConfig, state: TrainerState, shard_sets: list[S
     return changed
 
 
-def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None, *,
+def pretrain(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], resume: str | None, *,
              allow_config_change: bool = False) -> int:
     """Run all (remaining) stages. Returns the exit code.
 
@@ -544,11 +546,16 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet], resume: str | None, *,
                               start_global_step=state.global_step, metrics=metrics)
 
         def make_batches(pos: DataPosition, num_batches: int, *, _stage: StageConfig = stage,
-                         _index: int = index, _ss: ShardSet = shard_set,
+                         _index: int = index, _ss: ShardSet | MixedShardSet = shard_set,
                          _mb: int = plan.micro_batch,
                          _log: BadDataLog = bad_data) -> Iterator[dict[str, Any]]:
-            stream = ShardStream(_ss, run, _stage, stage_index=_index, rank=rank,
-                                 world_size=world_size, position=pos)
+            def one(part: ShardSet) -> ShardStream:
+                return ShardStream(part, run, _stage, stage_index=_index, rank=rank,
+                                   world_size=world_size, position=pos)
+
+            stream: ShardStream | MixedStream = (
+                MixedStream([one(p) for p in _ss.parts], _ss.weights, _mb)
+                if isinstance(_ss, MixedShardSet) else one(_ss))
             loader = make_loader(stream, micro_batch=_mb, num_workers=run.num_workers,
                                  num_batches=num_batches, pin_memory=device.type == "cuda")
             return _log.wrap(iterate(loader))
@@ -593,8 +600,9 @@ def main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain
     try:
         run = load_config(args.config, args.overrides)
         # Check every stage's data before starting processes' collectives: errors stay one line.
-        shard_sets = [read_shard_set(run.manifest, s.dataset, s.split, run.model_for(s),
-                                     version=run.dataset_version) for s in run.stages]
+        shard_sets = [read_stage_data(run.manifest, [(d.name, d.weight) for d in run.stage_datasets(s)],
+                                      s.split, run.model_for(s), version=run.dataset_version)
+                      for s in run.stages]
         run.deepspeed_config_path()
         return pretrain(run, shard_sets, args.resume,
                         allow_config_change=args.allow_config_change)

@@ -153,20 +153,91 @@ def test_tiny_trains_through_10m_20m_and_3_date_stacks(manifest: Path, tmp_path:
     assert rc == 0
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     starts = [r for r in records if r.get("event") == "stage_start"]
-    assert [(r["stage"], r["dates"], r["tokens_per_sample"]) for r in starts] == [
-        ("s1_10m", 1, 576), ("s2_20m", 1, 576), ("s3_10m_t3", 3, 3 * 576)]
+    assert [(r["stage"], r["dates"], r["tokens_per_sample"], r["gsd"]) for r in starts] == [
+        ("s1_10m", 1, 576, 10.0), ("s2_10m_20m", 1, 576, None), ("s3_10m_t3", 3, 3 * 576, 10.0)]
+    assert starts[1]["dataset"] == "s96_g10m x1 + s96_g20m x2/train"
     losses = [r for r in records if "loss" in r]
-    assert {r["stage"] for r in losses} == {"s1_10m", "s2_20m", "s3_10m_t3"}
+    assert {r["stage"] for r in losses} == {"s1_10m", "s2_10m_20m", "s3_10m_t3"}
     assert all(np.isfinite(r["loss"]) for r in losses)
     assert np.mean([r["loss"] for r in losses[-3:]]) < np.mean([r["loss"] for r in losses[:3]])
     assert (out / "checkpoints" / "latest").is_file()
     state = json.loads((out / "checkpoints" / "global_step40" / "trainer_state.json").read_text())
     assert state["stage_name"] == "s3_10m_t3"
     page = (out / "report" / "index.html").read_text()
-    assert "96 px \u00b7 20 m \u00b7 T 1" in page and "96 px \u00b7 10 m \u00b7 T 3" in page
+    assert "96 px \u00b7 10 m \u00b7 T 1" in page and "96 px \u00b7 T 1" in page
+    assert "96 px \u00b7 10 m \u00b7 T 3" in page
     from PIL import Image
 
     with Image.open(out / "images" / "s3_10m_t3_step0000040.png") as stack, \
             Image.open(out / "images" / "s1_10m_step0000020.png") as single:
         # one row of panels per date: three rows against a single date's one
         assert stack.width == single.width and stack.height > 2.5 * single.height
+
+
+def _keys(folder: Path) -> set[str]:
+    out = set()
+    for shard in folder.rglob("*.tar"):
+        with shard.open("rb") as fh:
+            out |= {key for key, _ in tar_samples(fh)}
+    return out
+
+
+def _mixed(manifest: Path, run, position: DataPosition):  # type: ignore[no-untyped-def]
+    from training.data import MixedShardSet, MixedStream, read_stage_data
+
+    stage = run.stages[1]
+    mix = read_stage_data(manifest, [(d.name, d.weight) for d in run.stage_datasets(stage)], stage.split,
+                          run.model_for(stage))
+    assert isinstance(mix, MixedShardSet) and mix.num_samples == 98 + 20
+    streams = [ShardStream(p, run, stage, stage_index=1, rank=0, world_size=1, position=position)
+               for p in mix.parts]
+    return MixedStream(streams, mix.weights, 2)
+
+
+def _mixed_batches(manifest: Path, run, position: DataPosition, n: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    out = []
+    for b in iterate(make_loader(_mixed(manifest, run, position), micro_batch=2, num_workers=0, num_batches=n)):
+        track(position, 0, b)
+        out.append(b)
+    return out
+
+
+def test_a_mixed_stage_draws_whole_batches_with_the_weights_asked_for(manifest: Path) -> None:
+    run = _run(manifest, "shuffle_buffer=4", "shuffle_initial=2")
+    batches = _mixed_batches(manifest, run, DataPosition.start(1, 1), 240)
+    picks = [b["dataset"].tolist() for b in batches]
+    assert all(len(set(p)) == 1 for p in picks)  # each batch from one data set
+    share_20m = sum(p[0] == 1 for p in picks) / len(picks)
+    # weights 1 : 2 -> 2/3 from s96_g20m; binomial sd over 240 draws is 0.030: 4 sd
+    assert abs(share_20m - 2 / 3) < 0.12, share_20m
+    keys = {name: _keys(manifest.parent / name) for name in ("s96_g10m", "s96_g20m")}
+    for b in batches:  # every sample comes from the data set its batch says
+        name = ("s96_g10m", "s96_g20m")[int(b["dataset"][0])]
+        assert set(b["key"]) <= keys[name], (name, b["key"])
+    again = _mixed_batches(manifest, run, DataPosition.start(1, 1), 240)
+    assert [b["key"] for b in again] == [b["key"] for b in batches]  # deterministic under the seed
+
+
+def test_a_mixed_stage_resumes_exactly(manifest: Path) -> None:
+    run = _run(manifest, "shuffle_buffer=4", "shuffle_initial=2")
+    full = _mixed_batches(manifest, run, DataPosition.start(1, 1), 9)
+    first = DataPosition.start(1, 1)
+    _mixed_batches(manifest, run, first, 4)
+    saved = DataPosition.from_dict(json.loads(json.dumps(first.to_dict())))
+    rest = _mixed_batches(manifest, run, saved.resumed(1, 1), 5)
+    for a, b in zip(full[4:], rest, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["dataset"], b["dataset"])
+
+
+@pytest.mark.parametrize(("stage", "needle"), [
+    ("{name: x, img_size: 96, samples: 8}", "exactly one of 'dataset' or 'datasets'"),
+    ("{name: x, dataset: a, datasets: [{name: b}], img_size: 96, samples: 8}", "exactly one of"),
+    ("{name: x, datasets: [{name: a, weight: 0}], img_size: 96, samples: 8}", "positive"),
+    ("{name: x, datasets: [{name: a}, {name: a}], img_size: 96, samples: 8}", "listed twice"),
+])
+def test_mixed_stage_config_errors(stage: str, needle: str) -> None:
+    from training.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(CONFIG, [f"stages=[{stage}]"])

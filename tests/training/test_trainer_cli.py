@@ -75,7 +75,7 @@ def test_script_entry_reports_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if not line.startswith("[20")]
     assert lines == ["error: unknown config key 'stages.1.warmup' (known: name, dataset, "
-                     "img_size, dates, split, samples, epochs, blr, warmup_samples, warmup_epochs, "
+                     "datasets, img_size, dates, split, samples, epochs, blr, warmup_samples, warmup_epochs, "
                      "min_lr, pos_embed, micro_batch, global_batch)"]
 
 
