@@ -281,6 +281,10 @@ class RunConfig:
     """A shard that is truncated or corrupt, or a sample whose array is not uint16
     ``[C, chip, chip]`` (pickled arrays included): ``skip`` it with a warning and count it
     (``bad_shards`` / ``bad_samples`` lines in metrics.jsonl), or ``fail`` the run (exit 2)."""
+    tracking: tuple[Literal["tensorboard", "wandb", "mlflow"], ...] = ()
+    """Where metrics.jsonl's records also go (training/tracking.py): TensorBoard event files
+    in ``<run dir>/tensorboard``, Weights & Biases, MLflow (configured by their own
+    environment variables). Off by default: nothing leaves the machine unless named here."""
     deepspeed_config: str = "ds_zero2.json"
     """DeepSpeed JSON: a path, or a file name in ``training/configs/`` (ds_zero1/2/3.json).
     Batch size, accumulation, clipping and bf16 in it are overwritten from this config."""
@@ -391,7 +395,7 @@ class RunConfig:
         data["model"] = {"preset": preset, **model}
         data["stages"] = [{k: (list(v) if k == "datasets" else v) for k, v in s.items()
                            if v is not None and not (k == "datasets" and not v)} for s in data["stages"]]
-        for key in ("betas", "crop_scale", "crop_ratio"):
+        for key in ("betas", "crop_scale", "crop_ratio", "tracking"):
             data[key] = list(data[key])
         return data
 

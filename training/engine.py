@@ -59,6 +59,8 @@ class StageContext:
     bands: tuple[str, ...]
     run_steps_left: int
     """Optimizer steps left in the whole run at the start of this stage (for the ETA)."""
+    trackers: Any = None
+    """``training.tracking.Trackers`` of rank 0 (a copy of every metrics record), or None."""
 
 
 @dataclass(frozen=True)
@@ -148,7 +150,7 @@ def train_stage(ctx: StageContext) -> StageResult:
     total = ctx.schedule.total_steps
     start = state.step_in_stage
     tokens_per_sample = ctx.model_cfg.num_tokens
-    metrics = report.MetricsWriter(ctx.run_dir / "metrics.jsonl") if ctx.rank == 0 else None
+    metrics = report.MetricsWriter(ctx.run_dir / "metrics.jsonl", ctx.trackers) if ctx.rank == 0 else None
     if start >= total:
         return StageResult(state, stopped=False)
 

@@ -69,6 +69,7 @@ from training.data import (  # noqa: E402
     read_stage_data,
 )
 from training.engine import StageContext, train_stage  # noqa: E402
+from training.tracking import Trackers  # noqa: E402
 from training.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -473,7 +474,8 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], resume:
         handler = _LogFile(run_dir / "train.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logging.getLogger().addHandler(handler)
-    metrics = report.MetricsWriter(run_dir / "metrics.jsonl") if rank == 0 else None
+    trackers = Trackers(run.tracking, run_dir, run.name, run.to_dict()) if rank == 0 and run.tracking else None
+    metrics = report.MetricsWriter(run_dir / "metrics.jsonl", trackers) if rank == 0 else None
     if resume_state is not None:
         logger.info("resuming %s: stage '%s' step %d/%d, run step %d (saved with %d "
                     "processes, now %d)", ckpt_dir / resume_tag, resume_state.stage_name,
@@ -568,12 +570,15 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], resume:
             global_batch=plan.global_batch, rank=rank, world_size=world_size, device=device,
             dtype=torch.bfloat16 if run.bf16 else torch.float32, run_dir=run_dir,
             bands=shard_set.bands,
-            run_steps_left=sum(p.steps for p in plans[index:]) - state.step_in_stage)
+            run_steps_left=sum(p.steps for p in plans[index:]) - state.step_in_stage,
+            trackers=trackers)
         result = train_stage(ctx)
         bad_data.flush(result.state.step_in_stage)
         if rank == 0:
             report.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         if result.stopped:
+            if trackers is not None:
+                trackers.close()
             return 0
         global_step, samples_seen = result.state.global_step, result.state.samples_seen
         if index + 1 < len(run.stages):
@@ -585,6 +590,8 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], resume:
         logger.info("done: %d steps; metrics %s, checkpoints %s, images %s, loss curve %s",
                     global_step, run_dir / "metrics.jsonl", ckpt_dir, run_dir / "images",
                     run_dir / "loss_curve.png")
+    if trackers is not None:
+        trackers.close()  # (an exception ends the process, whose exit hooks flush them)
     return 0
 
 

@@ -44,10 +44,12 @@ LOSS_TERMS = (("loss", "total", "#000000"), ("loss_token", "token MSE (masked to
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` (flushed on every write)."""
+    """Appends one JSON object per line to ``metrics.jsonl`` (flushed on every write), and
+    hands each record to the run's trackers (TensorBoard, ...) when there are any."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, trackers: Any = None) -> None:
         self.path = path
+        self.trackers = trackers  # training.tracking.Trackers: a copy of every record, or None
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict[str, Any]) -> None:
@@ -77,6 +79,8 @@ class MetricsWriter:
                                        after="free space, then resume with --resume") from None
         finally:
             os.close(fd)
+        if self.trackers is not None:
+            self.trackers.log(record)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

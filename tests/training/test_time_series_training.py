@@ -241,3 +241,58 @@ def test_mixed_stage_config_errors(stage: str, needle: str) -> None:
 
     with pytest.raises(ConfigError, match=needle):
         load_config(CONFIG, [f"stages=[{stage}]"])
+
+
+def test_a_run_stopped_inside_the_stack_stage_resumes_exactly(manifest: Path, tmp_path: Path) -> None:
+    """Stopped at global step 14 (step 4 of the 3-date stage), resumed: the same losses
+    afterwards as the run that never stopped."""
+    from training.pretrain import main
+
+    def run(out: Path, *extra: str) -> int:
+        sets = [f"manifest={manifest}", f"output_dir={out}", "num_workers=0", "stages.0.samples=40",
+                "stages.1.samples=40", "stages.2.samples=80", "log_every=1", "checkpoint_every=100",
+                "image_every=100"]
+        return main(["--config", CONFIG, *[a for s in sets for a in ("--set", s)], *extra])
+
+    def losses(out: Path) -> dict[int, float]:
+        recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss"] for r in recs if "loss" in r}
+
+    assert run(tmp_path / "whole") == 0
+    stopped = tmp_path / "stopped"
+    assert run(stopped, "--set", "stop_at_step=14") == 0
+    assert max(losses(stopped)) == 14
+    assert run(stopped, "--resume") == 0
+    whole, resumed = losses(tmp_path / "whole"), losses(stopped)
+    assert sorted(resumed) == sorted(whole) == list(range(1, 21))
+    assert [resumed[s] for s in range(15, 21)] == [whole[s] for s in range(15, 21)]
+
+
+def test_metrics_also_go_to_tensorboard_when_asked(manifest: Path, tmp_path: Path) -> None:
+    """`tracking: [tensorboard]`: every loss of metrics.jsonl, at its step, read back with
+    TensorBoard's own event reader; the stage records as scalars too."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from training.pretrain import main
+
+    out = tmp_path / "run"
+    sets = [f"manifest={manifest}", f"output_dir={out}", "num_workers=0", "stages.0.samples=24",
+            "stages.1.samples=16", "stages.2.samples=16", "log_every=1", "tracking=[tensorboard]"]
+    assert main(["--config", CONFIG, *[a for s in sets for a in ("--set", s)]]) == 0
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    want = {r["step"]: r["loss"] for r in records if "loss" in r}
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    got = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert got.keys() == want.keys() == set(range(1, 8))
+    assert all(abs(got[s] - want[s]) <= 1e-6 * abs(want[s]) for s in want)  # float32 in the file
+    assert [e.value for e in events.Scalars("stage/dates")] == [1.0, 1.0, 3.0]
+    assert "stage/s3_10m_t3" in events.Tags()["tensors"] or "stage/s3_10m_t3" in str(events.Tags())
+
+
+def test_tracking_is_off_by_default_and_names_are_checked(manifest: Path) -> None:
+    from training.errors import ConfigError
+
+    assert _run(manifest).tracking == ()
+    with pytest.raises(ConfigError, match="tracking"):
+        _run(manifest, "tracking=[comet]")
