@@ -41,13 +41,14 @@ def shard_paths(manifest: Path, dataset: str, split: str = "train") -> list[Path
 
 
 def loader_samples_per_s(manifest: Path, dataset: str, img_size: int, *, workers: int = 2, batch: int = 16,
-                         seconds: float = 15.0, augment: bool = True) -> float:
+                         seconds: float = 15.0, augment: bool = True, dates: int = 1) -> float:
     """Samples/s out of `training.data.make_loader` (the trainer's own loader), after warm-up.
 
     ``augment=False`` replaces the stream's transform (normalise, random resized crop, flip)
     by a plain cast to float32: the loader's read path (resampled shards, integrity checks,
     shuffle buffer, `.npy` decode, collate across worker processes), i.e. the same work a
-    TorchGeo RasterDataset + DataLoader does per chip.
+    TorchGeo RasterDataset + DataLoader does per chip. ``dates``: T of a time-stack dataset
+    (a sample is then a ``[T, 12, S, S]`` stack).
     """
     from training.config import config_from_dict
     from training.data import DataPosition, make_loader, read_shard_set
@@ -55,7 +56,8 @@ def loader_samples_per_s(manifest: Path, dataset: str, img_size: int, *, workers
     run = config_from_dict({
         "name": "bench", "manifest": str(manifest), "model": {"preset": "tiny"},
         "micro_batch": batch, "global_batch": batch, "num_workers": workers,
-        "stages": [{"name": "bench", "dataset": dataset, "img_size": img_size, "samples": 10**9}],
+        "stages": [{"name": "bench", "dataset": dataset, "img_size": img_size, "dates": dates,
+                    "samples": 10**9}],
     })
     stage = run.stages[0]
     shard_set = read_shard_set(manifest, dataset, "train", run.model_for(stage))

@@ -54,16 +54,20 @@ def train_flops_per_sample(c: ModelConfig) -> float:
 
 
 def bench(preset: str, img: int, batch: int, steps: int, device: torch.device,
-          bf16: bool) -> dict[str, float]:
+          bf16: bool, dates: int = 1) -> dict[str, float]:
+    """One rank's training steps per second; ``dates`` > 1 trains on ``[B, T, 12, S, S]``
+    stacks (the default sin-cos date encoding, dates 5 days apart)."""
     torch.manual_seed(0)
-    model = build_model(preset, img_size=img).to(device)
+    model = build_model(preset, img_size=img, num_dates=dates).to(device)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4, betas=(0.9, 0.95),
                             fused=device.type == "cuda")
-    x = torch.rand(batch, 12, img, img, device=device)
+    x = torch.rand(batch, *((dates,) if dates > 1 else ()), 12, img, img, device=device)
+    when = torch.tensor([[2024.0, 160.0 + 5 * t] for t in range(dates)], device=device).expand(batch, -1, -1)
+    extra = {"dates": when} if dates > 1 else {}
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
+            out = model(x, **extra)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
