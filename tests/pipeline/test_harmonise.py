@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from pipeline.harmonise import apply_offsets, decide, processing_baseline
+from pipeline.harmonise import Harmonisation, apply_offsets, decide, processing_baseline
 from tests.helpers.paths import SHARED_STAC
 
 
@@ -67,3 +67,33 @@ def test_apply_offsets_keeps_nodata_and_clamps_dark_pixels() -> None:
 def test_baseline_threshold(pb: str, expected: int) -> None:
     h = decide({"s2:processing_baseline": pb})
     assert h is not None and h.offset_dn == expected
+
+
+def _scene(id_: str, baseline: str | None, when: str = "2024-06-01T10:00:00Z"):  # type: ignore[no-untyped-def]
+    from pipeline.search import Scene
+
+    return Scene(id=id_, collection="c", datetime=when, epsg=32632, tile="32TMT", hrefs={},
+                 grid_shape=(10980, 10980), grid_transform=(10.0, 0.0, 500000.0, 0.0, -10.0, 5000000.0),
+                 harmonisation=Harmonisation(baseline, "r", 0, "x"), bbox_lonlat=(0, 0, 1, 1),
+                 cloud_cover=0.0, item={})
+
+
+@pytest.mark.parametrize("order", ["old_first", "new_first"])
+def test_a_reprocessed_acquisition_keeps_the_newest_baseline(order: str) -> None:
+    """Same grid and datetime twice (a reprocessed item): the newer processing baseline is
+    used and the older rejected, whichever comes first in id order."""
+    from pipeline.cube import group_grids
+
+    old, new = _scene("a_old" if order == "old_first" else "z_old", "04.00"), _scene("m_new", "05.10")
+    other = _scene("b_day2", "04.00", "2024-06-06T10:00:00Z")
+    grids, dropped = group_grids([old, new, other])
+    assert [s.id for s in grids[0].scenes] == ["m_new", "b_day2"]
+    assert [(s.id, why) for s, why in dropped] == [(old.id, "superseded by a reprocessed item (newer baseline)")]
+
+
+def test_the_same_acquisition_in_two_collections_is_kept_once_first_in_id_order() -> None:
+    from pipeline.cube import group_grids
+
+    grids, dropped = group_grids([_scene("s2_b", "05.10"), _scene("s2_a", "05.10")])
+    assert [s.id for s in grids[0].scenes] == ["s2_a"]
+    assert [(s.id, why) for s, why in dropped] == [("s2_b", "duplicate acquisition (same grid and datetime)")]

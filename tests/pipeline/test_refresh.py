@@ -31,6 +31,22 @@ def _catalog(tmp: Path, hide: tuple[str, ...]) -> Path:
     return cat / "catalog.json"
 
 
+def _band_stats(chips: list) -> dict:
+    """Per-band count, min, max, mean and (population) std of the valid (DN > 0) pixels."""
+    import numpy as np
+
+    cube = np.stack(chips).astype(np.float64)  # [N, C, H, W]
+    out: dict = {"count": [], "min": [], "max": [], "mean": [], "std": []}
+    for b in range(cube.shape[1]):
+        v = cube[:, b][cube[:, b] > 0]
+        out["count"].append(int(v.size))
+        out["min"].append(int(v.min()))
+        out["max"].append(int(v.max()))
+        out["mean"].append(float(v.mean()))
+        out["std"].append(float(v.std()))
+    return out
+
+
 def _manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
@@ -67,6 +83,17 @@ def test_refresh_adds_exactly_the_new_items(v1: tuple[Path, Path], tmp_path: Pat
             n = sum(v["datasets"][name]["splits"][sp]["num_samples"] for v in m2["versions"])
             assert ds["splits"][sp]["num_samples"] == n
     assert m2["datasets"]["s96_g10m"]["stats"]["count"] != m1["datasets"]["s96_g10m"]["stats"]["count"]
+    # statistics of a version are those of every train sample up to it, counted here from
+    # the samples themselves (valid = DN > 0, per band), not from the stored histograms
+    for name in m2["datasets"]:
+        for version, samples, stats in ((1, before, m2["versions"][0]["datasets"][name]["stats"]),
+                                        (2, after, m2["versions"][1]["datasets"][name]["stats"]),
+                                        (2, after, m2["datasets"][name]["stats"])):
+            want = _band_stats([s["npy"] for s in samples.values() if s["dataset"] == name and s["split"] == "train"])
+            assert stats["count"] == want["count"], (name, version)
+            assert stats["min"] == want["min"] and stats["max"] == want["max"], (name, version)
+            assert stats["mean"] == pytest.approx(want["mean"], abs=1e-3), (name, version)
+            assert stats["std"] == pytest.approx(want["std"], abs=1e-3), (name, version)
     # a second refresh with nothing new adds nothing and says so
     files = shard_files(out)
     with caplog.at_level(logging.INFO):

@@ -81,6 +81,27 @@ def test_resize_bilinear_constant_and_nodata() -> None:
     assert (out[:, :60] == 0).all() and (out[:, 70:] == 1234).all()  # no dark bleed from nodata
 
 
+def test_resize_120_to_128_is_pixel_centre_aligned_by_value() -> None:
+    """A ramp 100 + 10 x resized 120 -> 128 px: output column o samples the input at
+    (o + 0.5) x 120 / 128 - 0.5 (pixel centres, clamped at the edges), not o x 119 / 127
+    (align-corners); and random data agree with torch's bilinear (align_corners=False)."""
+    ramp = np.broadcast_to(100 + 10 * np.arange(120, dtype=np.uint16), (3, 120, 120)).copy()
+    out = resize_bilinear(ramp, 128, 128)
+    pos = np.clip((np.arange(128) + 0.5) * 120 / 128 - 0.5, 0, 119)
+    want = np.rint(100 + 10 * pos).astype(np.uint16)
+    assert (out == want[None, None, :]).all()
+    # by hand: column 64 samples 64.5 x 0.9375 - 0.5 = 59.97, column 127 samples 119.03 -> 119 (clamped)
+    assert out[0, 0, 64] == 700 and out[0, 0, 0] == 100 and out[0, 0, 127] == 1290
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(3)
+    a = rng.integers(1, 10000, (2, 120, 120)).astype(np.uint16)
+    ref = F.interpolate(torch.from_numpy(a.astype(np.float64))[None], size=(128, 128), mode="bilinear",
+                        align_corners=False)[0].numpy()
+    assert np.abs(resize_bilinear(a, 128, 128).astype(np.float64) - ref).max() <= 0.5 + 1e-3
+
+
 def test_split_is_deterministic_and_blockwise() -> None:
     cfg = SplitConfig(val_fraction=0.3, block_m=10_000, seed=1)
     splits = [block_split(32629, bx, 500, cfg) for bx in range(400)]
@@ -92,6 +113,52 @@ def test_split_is_deterministic_and_blockwise() -> None:
     x = bx * 10_000.0
     assert chip_split(32629, x + 100, 5_000_000 + 100, x + 1060, 5_000_000 + 1060, cfg) == splits[bx]
     assert chip_split(32629, x + 9_500, 5_000_000 + 100, x + 10_460, 5_000_000 + 1060, cfg) is None
+
+
+def test_a_chip_over_a_horizontal_block_boundary_is_dropped() -> None:
+    """The y extent counts as the x extent does: a chip whose rows cross from a train block
+    into a val block (same column of blocks) would put val pixels in train."""
+    cfg = SplitConfig(val_fraction=0.3, block_m=10_000, seed=1)
+    bx = 57
+    column = [block_split(32629, bx, by, cfg) for by in range(400, 800)]
+    i = next(k for k in range(len(column) - 1) if column[k] != column[k + 1])
+    by = 400 + i
+    x0, y_edge = bx * 10_000.0 + 2_000, (by + 1) * 10_000.0  # the boundary between by and by + 1
+    assert chip_split(32629, x0, y_edge - 960, x0 + 960, y_edge, cfg) == column[i]  # just below it
+    assert chip_split(32629, x0, y_edge, x0 + 960, y_edge + 960, cfg) == column[i + 1]  # just above
+    assert chip_split(32629, x0, y_edge - 480, x0 + 960, y_edge + 480, cfg) is None  # across it
+    # blocks of one split on both sides: kept, whichever way it crosses
+    j = next(k for k in range(len(column) - 1) if column[k] == column[k + 1])
+    y_same = (400 + j + 1) * 10_000.0
+    assert chip_split(32629, x0, y_same - 480, x0 + 960, y_same + 480, cfg) == column[j]
+
+
+@pytest.mark.parametrize("max_cloud", [0.19, 0.2, 0.21])
+def test_chips_above_max_cloud_are_dropped_and_only_those(tmp_path: Path, max_cloud: float) -> None:
+    """Per chip and date, the cloud fraction (SCL 3, 8, 9, 10) counted here from the cube's
+    SCL decides: above quality.max_cloud dropped with that reason, else kept."""
+    import xarray as xr
+
+    from pipeline.tiling import Chip, iter_chips
+
+    store = _cube_store(tmp_path / "c.zarr")
+    cfg = load_config(None, {"tiling": [{"size": 32}], "quality": {"max_cloud": max_cloud, "max_invalid": 1.0},
+                             "split": {"val_fraction": 0.0}})
+    cube = xr.open_zarr(store, consolidated=False)
+    scl = cube["scl"].values
+    cloudy = 0
+    for t in range(2):
+        for r in range(384 // 32):
+            for c in range(200 // 32):
+                win = scl[t, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32]
+                cloudy += np.isin(win, [3, 8, 9, 10]).mean() > max_cloud
+    out = list(iter_chips(cube, cfg.tiling[0], cfg))
+    reasons = [o.reason for o in out if not isinstance(o, Chip)]
+    assert len(out) == 2 * 12 * 6
+    assert reasons.count("cloud fraction above quality.max_cloud") == cloudy
+    assert 0 < cloudy < len(out)  # the threshold splits this cube's chips
+    kept = [o for o in out if isinstance(o, Chip)]
+    assert len(kept) + len(reasons) == len(out) and all(o.meta["quality"]["cloud"] <= max_cloud for o in kept)
 
 
 def _cube_store(path: Path, rows: int = 384, cols: int = 200, ych: int = 96) -> Path:

@@ -84,8 +84,12 @@ def test_random_masking_keeps_the_official_count() -> None:
 
 
 def _hand_loss(imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, u: int, p: int,
-               w_token: float, w_spec: float) -> tuple[float, float, float]:
-    """The official multi-target loss written with loops over the image, not tensors."""
+               w_token: float, w_spec: float, norm_pix: bool = False) -> tuple[float, float, float]:
+    """The official multi-target loss written with loops over the image, not tensors.
+
+    ``norm_pix``: the token term's target is each token's values standardised (mean, and
+    the unbiased variance + 1e-6, as the official L448-451); the spectral term keeps the
+    raw values."""
     b_n, t_n, h_n, w_n = imgs.shape
     groups, gh, gw = t_n // u, h_n // p, w_n // p
     spatial = gh * gw
@@ -100,7 +104,12 @@ def _hand_loss(imgs: np.ndarray, pred: np.ndarray, mask: np.ndarray, u: int, p: 
     num = den = 0.0
     for b in range(b_n):
         for tok in range(groups * spatial):
-            err = sum((pred[b, tok, k] - target(b, tok, k)) ** 2 for k in range(u * p * p))
+            raw = [target(b, tok, k) for k in range(u * p * p)]
+            if norm_pix:
+                mean = sum(raw) / len(raw)
+                var = sum((v - mean) ** 2 for v in raw) / (len(raw) - 1)
+                raw = [(v - mean) / (var + 1e-6) ** 0.5 for v in raw]
+            err = sum((pred[b, tok, k] - raw[k]) ** 2 for k in range(u * p * p))
             num += mask[b, tok] * err / (u * p * p)
             den += mask[b, tok]
     token_term = num / den
@@ -129,6 +138,23 @@ def test_loss_equals_a_hand_computation() -> None:
     loss, lt, ls = model.forward_loss(imgs, pred, mask)
     want = _hand_loss(imgs.numpy(), pred.numpy(), mask.numpy(), 3, 2, 0.7, 1.3)
     assert [loss.item(), lt.item(), ls.item()] == pytest.approx(want, rel=1e-6)
+
+
+def test_norm_pix_loss_normalises_only_the_token_terms_target() -> None:
+    cfg = ModelConfig(img_size=4, num_bands=6, band_patch_size=3, patch_size=2, embed_dim=8,
+                      depth=1, num_heads=2, decoder_embed_dim=8, decoder_depth=1,
+                      decoder_num_heads=2, mask_ratio=0.5, norm_pix_loss=True)
+    model = SpectralMAE(cfg)
+    gen = torch.Generator().manual_seed(4)
+    imgs = torch.rand(2, 6, 4, 4, generator=gen, dtype=torch.float64) * 3
+    pred = torch.rand(2, cfg.num_tokens, cfg.patch_dim, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(2, cfg.num_tokens, generator=gen) > 0.5).double()
+    mask[0, 0] = 1
+    loss, lt, ls = model.forward_loss(imgs, pred, mask)
+    want = _hand_loss(imgs.numpy(), pred.numpy(), mask.numpy(), 3, 2, 1.0, 1.0, norm_pix=True)
+    assert [loss.item(), lt.item(), ls.item()] == pytest.approx(want, rel=1e-6)
+    raw = _hand_loss(imgs.numpy(), pred.numpy(), mask.numpy(), 3, 2, 1.0, 1.0)
+    assert ls.item() == pytest.approx(raw[2], rel=1e-6) and abs(lt.item() - raw[1]) > 0.1
 
 
 def test_forward_uses_the_given_mask_generator() -> None:
