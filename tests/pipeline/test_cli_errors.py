@@ -52,13 +52,30 @@ def test_unwritable_output(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     ro.mkdir()
     ro.chmod(0o500)
     try:
-        if os.access(ro, os.W_OK):
-            pytest.skip("running as a user that ignores permissions")
+        if os.access(ro, os.W_OK):  # root ignores permissions: the read-only mount below
+            return _unwritable_output_as_root(ro)
         with caplog.at_level(logging.ERROR):
             assert main(["--output", str(ro / "ds")]) == 2
         assert "not writable" in caplog.records[-1].getMessage()
     finally:
         ro.chmod(0o700)
+
+
+def _unwritable_output_as_root(ro: Path) -> None:
+    """As root (CI): the folder is a read-only bind mount in a private mount namespace, which
+    root cannot write either; the build is refused in one line before writing anything."""
+    import shutil
+
+    if shutil.which("unshare") is None:
+        pytest.skip("root without unshare: no way to make a folder root cannot write")
+    script = (f"mount --bind {ro} {ro} && mount -o remount,bind,ro {ro} && "
+              f"exec {sys.executable} -m pipeline.build_shards --output {ro / 'ds'}")
+    p = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if "ERROR" in ln or ln.startswith("error")]
+    assert len(lines) == 1 and "not writable" in lines[0], p.stderr[-2000:]
+    assert "Traceback" not in p.stderr and not (ro / "ds").exists()
 
 
 def test_output_is_a_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

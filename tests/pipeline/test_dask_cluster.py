@@ -270,6 +270,10 @@ def test_a_worker_killed_part_way_gives_the_same_dataset(cluster: Cluster, http_
     cluster.wait_for(2)
 
 
-def test_unreachable_scheduler_is_one_line(tmp_path: Path) -> None:
-    assert main(["--aoi", "ireland", "--scheduler", f"tcp://127.0.0.1:{free_port()}", "--output", str(tmp_path / "o")]) == 2
+def test_unreachable_scheduler_is_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    assert main(["--aoi", "ireland", "--scheduler", address, "--output", str(tmp_path / "o")]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "cannot reach the Dask scheduler" in errors[0] and address in errors[0]
     assert not (tmp_path / "o").exists()

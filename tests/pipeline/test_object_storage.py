@@ -45,6 +45,9 @@ def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                     assert fs.size(f"{url}/{sh['path']}") == sh["bytes"]
 
 
-def test_missing_bucket_is_one_line(tmp_path: Path) -> None:
+def test_missing_bucket_is_one_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with moto_s3():
         assert main(["--aoi", "ireland", "--output", "s3://no-such-bucket/x"]) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    assert "no-such-bucket" in errors[0] and "Traceback" not in caplog.text

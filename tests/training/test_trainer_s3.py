@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from tests.helpers.s3 import moto_s3
@@ -42,19 +43,30 @@ def s3_dataset(tmp_path_factory: pytest.TempPathFactory) -> str:
             os.environ["SPECTRALGPT_STATE"] = saved
 
 
-def test_shard_set_and_samples_from_s3(s3_dataset: str) -> None:
-    run = load_config(overrides=[f"manifest={s3_dataset}/manifest.json", "shuffle_buffer=4",
-                                 "shuffle_initial=1"])
+def _batches(manifest: str) -> tuple[list[dict], object]:
+    run = load_config(overrides=[f"manifest={manifest}", "shuffle_buffer=4", "shuffle_initial=1"])
     stage = run.stages[0]
     ss = read_shard_set(run.manifest, stage.dataset, stage.split, run.model_for(stage))
+    stream = ShardStream(ss, run, stage, stage_index=0, rank=0, world_size=1,
+                         position=DataPosition.start(1, 1))
+    return list(iterate(make_loader(stream, micro_batch=2, num_workers=1, num_batches=3))), ss
+
+
+def test_shard_set_and_samples_from_s3(s3_dataset: str, tmp_path: Path) -> None:
+    """The same samples, value for value, as the same build read from a local folder."""
+    from pipeline.build_shards import main
+
+    batches, ss = _batches(f"{s3_dataset}/manifest.json")
     assert ss.shards and all(s.startswith(f"{s3_dataset}/s96_g10m/train-v0001-") for s in ss.shards)
     assert ss.version == 1 and all(b for b in ss.shard_bytes)
-    position = DataPosition.start(1, 1)
-    stream = ShardStream(ss, run, stage, stage_index=0, rank=0, world_size=1,
-                         position=position)
-    batches = list(iterate(make_loader(stream, micro_batch=2, num_workers=1, num_batches=3)))
     assert [tuple(b["image"].shape) for b in batches] == [(2, 12, 96, 96)] * 3
     assert all(int(b["bad_shards"].sum()) == 0 for b in batches)
+    assert main(["--aoi", "europe", "--output", str(tmp_path / "local")]) == 0
+    local, _ = _batches(str(tmp_path / "local" / "manifest.json"))
+    for a, b in zip(batches, local, strict=True):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    run = load_config(overrides=[f"manifest={s3_dataset}/manifest.json"])
+    stage = run.stages[0]
     with pytest.raises(DataError, match="manifest 's3://eo-datasets/nothing/manifest.json' "
                                         "not found"):
         read_shard_set("s3://eo-datasets/nothing/manifest.json", stage.dataset, stage.split,
