@@ -14,7 +14,8 @@ from torch import nn
 
 # Parameters that are not weight matrices: norms, biases, position tables, mask token.
 NO_DECAY_TABLES = ("pos_embed_spatial", "pos_embed_temporal", "decoder_pos_embed_spatial",
-                   "decoder_pos_embed_temporal", "mask_token")
+                   "decoder_pos_embed_temporal", "mask_token",
+                   "pos_embed_date", "decoder_pos_embed_date")  # learned date tables, when present
 
 
 def param_groups(model: nn.Module, weight_decay: float,

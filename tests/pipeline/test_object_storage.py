@@ -15,10 +15,15 @@ from tests.helpers.s3 import moto_s3
 from tests.pipeline.test_refresh import LATER, _catalog
 
 
-def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import re
+
     import fsspec
 
     monkeypatch.setenv("SPECTRALGPT_STATE", str(tmp_path / "state"))
+    caplog.set_level(logging.INFO, logger="werkzeug")  # the S3 server's request log
     with moto_s3() as endpoint:
         fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
         cat = _catalog(tmp_path, LATER)
@@ -31,6 +36,14 @@ def test_build_and_refresh_on_s3(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
             assert fs.size(f"{url}/{sh['path']}") == sh["bytes"]
         assert fs.exists(f"{url}/cube/v0001")
         assert not fs.exists(f"{url}/_work")
+        # the manifest is uploaded last: in the S3 server's own request log, the request that
+        # completes it (a PUT, or the POST ending a multipart upload) comes after every other
+        # object's of the dataset
+        completed = [m.group(2) for m in (re.search(r'"(PUT|POST) /eo-datasets/s2/europe/(\S+?)(\?\S*)? HTTP', r.getMessage())
+                                          for r in caplog.records if r.name == "werkzeug")
+                     if m and "partNumber=" not in (m.group(3) or "") and not (m.group(1) == "POST" and m.group(3) == "?uploads")]
+        assert len(set(completed)) > 10 and completed[-1] == "manifest.json", completed[-5:]
+        assert completed.count("manifest.json") == 1
         # the client keeps only the dataset's lock file on this machine, no data
         kept = [p for p in (tmp_path / "state").rglob("*") if p.is_file()]
         assert [p.name for p in kept] == [".lock"] and kept[0].stat().st_size < 32

@@ -120,3 +120,51 @@ def test_refresh_refuses_other_tiling(v1: tuple[Path, Path], tmp_path: Path) -> 
     cfg = tmp_path / "other.yaml"
     cfg.write_text("tiling: [64]\n")
     assert refresh_main(["--catalog", str(_catalog(tmp_path, ())), "--config", str(cfg), "--output", str(out)]) == 2
+
+
+def test_refresh_takes_a_reprocessed_item_with_the_same_id(v1: tuple[Path, Path], tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """An item republished under its id with a newer processing baseline (03.01, still
+    without the DN offset) is new to the dataset: the refresh adds a version with exactly it,
+    and its samples record the new baseline."""
+    d, base = v1
+    out = tmp_path / "ds"
+    shutil.copytree(base, out)
+    m1 = _manifest(out)
+    cat = _catalog(tmp_path, LATER)
+    target = sorted(m1["versions"][0]["items"])[0]
+    item_path = next(cat.parent.rglob(f"{target}.json"))
+    item = json.loads(item_path.read_text())
+    assert item["properties"]["s2:processing_baseline"] < "03.01"
+    item["properties"]["s2:processing_baseline"] = "03.01"
+    item_path.write_text(json.dumps(item))
+    with caplog.at_level(logging.INFO):
+        assert refresh_main(["--catalog", str(cat), "--output", str(out)]) == 0
+    assert "1 new or reprocessed scenes -> version 2" in caplog.text
+    m2 = _manifest(out)
+    assert m2["latest_version"] == 2 and m2["versions"][1]["items"] == [target]
+    added = {k: s for k, s in read_dataset(out).items() if s["json"]["scene_ids"] == [target]}
+    baselines = {s["json"]["harmonisation"][0]["processing_baseline"] for s in added.values()}
+    assert added and "03.01" in baselines
+
+
+def test_wait_waits_for_the_other_run_then_refreshes(v1: tuple[Path, Path], tmp_path: Path) -> None:
+    """--wait: while another run holds the dataset's lock the refresh waits (and says so);
+    once it is released, the refresh runs to the end."""
+    import subprocess
+    import sys
+    import time
+
+    d, base = v1
+    out = tmp_path / "ds"
+    shutil.copytree(base, out)
+    cat = _catalog(tmp_path, ())
+    cmd = [sys.executable, "-m", "pipeline.refresh", "--catalog", str(cat), "--output", str(out), "--wait"]
+    with dataset_lock(out):
+        p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(4.0)  # ample for start-up: it must still be waiting
+        assert p.poll() is None and _manifest(out)["latest_version"] == 1
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-2000:]
+    assert "waiting for the lock" in err
+    assert _manifest(out)["latest_version"] == 2

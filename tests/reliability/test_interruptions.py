@@ -127,3 +127,24 @@ def test_killed_refresh_keeps_last_version_and_resumes(v1: tuple[Path, Path], tm
     assert sorted(a) == sorted(b)
     assert all((a[k]["npy"] == b[k]["npy"]).all() and a[k]["json"] == b[k]["json"] for k in a)
     assert shard_files(ref) == shard_files(out)
+
+
+def test_ctrl_c_exits_130_in_one_line_and_the_next_run_finishes(tmp_path: Path) -> None:
+    """SIGINT (Ctrl-C) in the middle of a build: exit 130 with one line saying how to
+    resume, nothing published; the same command then finishes the dataset."""
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "pipeline.build_shards", "--aoi", "europe", "--output", str(out)]
+    p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "_work").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # interrupt once the build has started writing
+    assert p.poll() is None, "the build ended before it could be interrupted"
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    errors = [ln for ln in err.splitlines() if " ERROR " in ln]
+    assert len(errors) == 1 and "interrupted: run the same command again to resume" in errors[0]
+    assert "Traceback" not in err and not (out / "manifest.json").exists()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "manifest.json").read_text())["latest_version"] == 1

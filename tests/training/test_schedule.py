@@ -41,19 +41,29 @@ def test_peak_lr_is_blr_times_effective_batch_over_256(manifest: Path, gb: int, 
     assert plan.steps == math.ceil(64000 / gb) and plan.warmup_steps == min(math.ceil(8192 / gb), plan.steps)
 
 
-def test_the_trainer_logs_the_scheduled_lr(manifest: Path, tmp_path: Path) -> None:
-    """A real short run: the lr of every logged step is the schedule's, by hand."""
+def test_the_trainer_logs_the_scheduled_lr(manifest: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A real short run: the lr of every logged step is the schedule's, by hand. Run again
+    into the same folder without --resume, it is refused in one line and nothing changes."""
     import json
 
     from training.pretrain import main
 
     out = tmp_path / "run"
-    assert main(["--set", f"manifest={manifest}", "--set", f"output_dir={out}", "--set", "num_workers=0",
-                 "--set", "stages=[{name: s, dataset: s96_g10m, img_size: 96, samples: 48, blr: 0.2, "
-                 "warmup_samples: 16}]", "--set", "log_every=1", "--set", "micro_batch=4",
-                 "--set", "global_batch=8", "--set", "bf16=false"]) == 0
+    args = ["--set", f"manifest={manifest}", "--set", f"output_dir={out}", "--set", "num_workers=0",
+            "--set", "stages=[{name: s, dataset: s96_g10m, img_size: 96, samples: 48, blr: 0.2, "
+            "warmup_samples: 16}]", "--set", "log_every=1", "--set", "micro_batch=4",
+            "--set", "global_batch=8", "--set", "bf16=false"]
+    assert main(args) == 0
     recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in recs if "loss" in r]
     peak = 0.2 * 8 / 256  # 6.25e-3; 6 steps, 2 of warm-up
     want = [peak / 2, peak] + [peak * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
     assert lrs == pytest.approx(want)
+
+    metrics = (out / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert err == [f"error: '{out}' already holds checkpoints: pass --resume to continue it, "
+                   "or set name/output_dir for a new run"]
+    assert (out / "metrics.jsonl").read_bytes() == metrics
