@@ -72,7 +72,7 @@ def test_shipped_configs_are_found_by_name(tmp_path: Path, monkeypatch: pytest.M
     assert load_config("europe_live.yaml").catalog == "earth-search"
     run = load_run_config("base_gpu")
     assert run.name == "base_gpu" and run.deepspeed_config_path().is_file()
-    with pytest.raises(ConfigError, match=r"'nope' not found \(shipped configs: europe, europe_live\)"):
+    with pytest.raises(ConfigError, match=r"'nope' not found \(shipped configs: europe, europe_live, timeseries\)"):
         load_config("nope")
     # a file where the user stands wins over a shipped config of the same name
     (tmp_path / "europe_live.yaml").write_text("catalog: cdse\n")
