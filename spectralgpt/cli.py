@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "build": ("pipeline.build_shards", "search Sentinel-2 L2A through STAC and write cubes and WebDataset shards", False),
     "refresh": ("pipeline.refresh", "add new or reprocessed scenes to a dataset as a new version", False),
     "inspect": ("pipeline.inspect", "write a static HTML report of a dataset", False),
-    "pretrain": ("training.pretrain", "progressive SpectralGPT pretraining with DeepSpeed", True),
+    "pretrain": ("training.pretrain:command_main", "progressive SpectralGPT pretraining with DeepSpeed", True),
     "export": ("training.export", "export a checkpoint to plain weights", True),
     "evaluate": ("training.evaluate", "linear probe, k-NN, fine-tuning, segmentation, change detection", True),
     "sizes": ("training.cli:sizes_main", "parameter and token counts of the model presets", True),

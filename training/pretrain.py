@@ -28,6 +28,7 @@ stderr, no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
@@ -160,11 +161,11 @@ def _init_distributed() -> tuple[int, int, int]:
         # TCPStore binds it (EADDRINUSE seen in CI).
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-        if not dist.is_initialized():
-            from deepspeed.accelerator import get_accelerator
+    if not dist.is_initialized() and os.environ.get("WORLD_SIZE") == "1":
+        from deepspeed.accelerator import get_accelerator
 
-            dist.init_process_group(get_accelerator().communication_backend_name(),
-                                    store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(get_accelerator().communication_backend_name(),
+                                store=dist.HashStore(), rank=0, world_size=1)
     deepspeed.init_distributed()  # joins the launcher's group, or wraps the one made above
     from deepspeed.utils import logger as ds_logger
 
@@ -577,6 +578,7 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], resume:
         if rank == 0:
             report.plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
         if result.stopped:
+            engine.destroy()
             if trackers is not None:
                 trackers.close()
             return 0
@@ -619,5 +621,26 @@ def main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain
         return exc.exit_code
 
 
+def command_main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain.py") -> int:
+    """:func:`main` as a process's command (the script, ``python -m``, ``spectralgpt
+    pretrain``): the process group is torn down before the interpreter exits. (In-process
+    callers, the tests, use :func:`main`: DeepSpeed keeps its groups for the next run.)"""
+    try:
+        return main(argv, prog)
+    finally:
+        _shutdown_distributed()
+
+
+def _shutdown_distributed() -> None:
+    """Tear the process group down before the interpreter does: left to interpreter exit,
+    its C++ threads were seen to end a stopped run with "terminate called without an active
+    exception" (SIGABRT) after it had saved and said so, failing the launcher."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):  # a peer gone already: nothing left to tear down
+            dist.destroy_process_group()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command_main())
