@@ -4,7 +4,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run build train test test-fast lock check-lock check-lowest bench bench-torchgeo clean
+.PHONY: setup run build train test test-fast lock check-lock check-lowest bench bench-torchgeo mutants clean
 
 setup: $(VENV)/.installed
 
@@ -51,6 +51,12 @@ check-lowest: setup
 
 bench: setup
 	$(PY) -m benchmarks.run_all
+
+# Mutation testing of the core modules (tests/MUTATION.md); MODULES="pipeline/names.py ..." for
+# some of them. mutmut is a developer tool installed here, pinned in scripts/mutants.py.
+mutants: setup
+	$(PY) -m pip install -q mutmut==3.8.1
+	$(PY) scripts/mutants.py $(MODULES)
 
 # The issue's reference reader, TorchGeo, in its own environment (never a project dependency).
 # torch 2.14.1 with torchvision 0.29.1: PyPI's torchvision does not import next to torch 2.13's
