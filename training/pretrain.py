@@ -383,7 +383,7 @@ def config_changes(run: RunConfig, saved: dict[str, Any], saved_stage: int,
         raise ConfigError(f"--resume: the checkpoint's stages {names} differ from the "
                           f"config's; resume with the config the run started with")
     # keys newer than the checkpoint (absent there) count as unchanged at their defaults
-    defaults = {"num_dates": 1, **dataclasses.asdict(ModelConfig())}
+    defaults = dataclasses.asdict(ModelConfig())
     saved_model = saved.get("model") or {}
     now_model = {k: v for k, v in current["model"].items() if k in saved_model or v != defaults.get(k)}
     if saved_model != now_model:

@@ -74,17 +74,17 @@ class Encoder(nn.Module):
         from training.models.spectral_mae import date_encoding
 
         b, t = x.shape[:2]
+        if t > 1 and self.cfg.date_encoding == "sincos" and dates is None:  # each date on its own
+            return self.forward(x.reshape(b * t, *x.shape[2:])).unflatten(0, (b, t))
         tokens = self.patch_embed(x.reshape(b * t, 1, *x.shape[2:]))  # [B*T, G, L, D]
         tokens = tokens + self.pos_embed_spatial[:, None] + self.pos_embed_temporal[:, :, None]
         _, g, n_l, d = tokens.shape
         tokens = tokens.reshape(b, t, g * n_l, d)
         if t > 1 and self.cfg.date_encoding == "learned":
             tokens = tokens + self.pos_embed_date[:, :t, None]
-        elif t > 1 and self.cfg.date_encoding == "sincos" and dates is not None:
+        elif t > 1 and self.cfg.date_encoding == "sincos":
             enc = self.cfg.encoding_scale * date_encoding(dates.to(x.device), d).to(tokens.dtype)
             tokens = tokens + enc[:, :, None]
-        elif t > 1 and self.cfg.date_encoding == "sincos":  # no dates: each date on its own
-            return self.forward(x.reshape(b * t, *x.shape[2:])).reshape(b, t, g, n_l, d)
         tokens = tokens.reshape(b, t * g * n_l, d)
         for blk in self.blocks:
             tokens = blk(tokens)
