@@ -294,8 +294,12 @@ def _build_locked(
     state = {"config_hash": config_hash, "scenes_hash": s_hash, "version": version}
     found = loc.read_json("_work/state.json")
     if found != state:
-        if loc.exists("_work") and not (isinstance(found, dict) and "config_hash" in found):
-            # a `_work/` without our state file is someone else's: never deleted
+        ours = isinstance(found, dict) and "config_hash" in found
+        # A `_work/` holding nothing but (a torn write of) our state file was made by a build
+        # stopped between making the folder and renaming the state file into it (Ctrl-C).
+        leftover = all(re.fullmatch(r"_work/state\.json\.tmp-\d+", f) for f in loc.list("_work"))
+        if loc.exists("_work") and not ours and not leftover:
+            # a `_work/` with other files and without our state file is someone else's: never deleted
             raise OutputError(f"{loc.url('_work')!r} exists and was not made by a build: move it away first")
         if loc.exists("_work"):
             log.info("discarding an unfinished build with another config/scene set in %s", loc.url("_work"))

@@ -136,8 +136,8 @@ def test_ctrl_c_exits_130_in_one_line_and_the_next_run_finishes(tmp_path: Path) 
     cmd = [sys.executable, "-m", "pipeline.build_shards", "--aoi", "europe", "--output", str(out)]
     p = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not (out / "_work").exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)  # interrupt once the build has started writing
+    while not (out / "_work" / "state.json").exists() and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)  # interrupt once the build has started its units
     assert p.poll() is None, "the build ended before it could be interrupted"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
@@ -148,3 +148,26 @@ def test_ctrl_c_exits_130_in_one_line_and_the_next_run_finishes(tmp_path: Path) 
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((out / "manifest.json").read_text())["latest_version"] == 1
+
+
+@pytest.mark.parametrize("left", [[], ["state.json.tmp-4242"]])
+def test_a_build_stopped_before_its_state_file_landed_is_resumed(tmp_path: Path, left: list[str], caplog) -> None:  # type: ignore[no-untyped-def]
+    """Ctrl-C (or kill -9) between making `_work/` and renaming its state file into it leaves
+    an empty `_work/`, or one with the torn temporary file: that is the build's own, so the
+    next run goes on (CI once hit this window); any other file there still stops it."""
+    from pipeline.build_shards import main
+
+    out = tmp_path / "ds"
+    (out / "_work").mkdir(parents=True)
+    for name in left:
+        (out / "_work" / name).write_text('{"config_h')
+    assert main(["--aoi", "europe", "--output", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["latest_version"] == 1
+    assert not (out / "_work").exists()
+    other = tmp_path / "other"
+    (other / "_work").mkdir(parents=True)
+    (other / "_work" / "state.json.tmp-x").write_text("someone else's")
+    caplog.clear()
+    assert main(["--aoi", "europe", "--output", str(other)]) == 2
+    assert "was not made by a build" in caplog.records[-1].getMessage()
+    assert (other / "_work" / "state.json.tmp-x").read_text() == "someone else's"
