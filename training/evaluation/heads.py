@@ -29,8 +29,8 @@ from torch import Tensor, nn
 
 from training.models.spectral_mae import SpectralMAE
 
-__all__ = ["ChangeModel", "Classifier", "DenseHead", "Encoder", "SegmentationModel",
-           "param_groups_lrd", "pool"]
+__all__ = ["POOLS", "ChangeModel", "Classifier", "DenseHead", "Embedder", "Encoder",
+           "SegmentationModel", "param_groups_lrd", "pool"]
 
 
 class Encoder(nn.Module):
@@ -94,6 +94,34 @@ class Encoder(nn.Module):
 def pool(tokens: Tensor) -> Tensor:
     """Mean over every token: ``[B, G, L, D]`` or ``[B, T, G, L, D]`` (dates too) -> ``[B, D]``."""
     return tokens.mean(dim=tuple(range(1, tokens.dim() - 1)))
+
+
+#: Embedding poolings: ``mean`` over every token -> ``[B, D]``; ``groups``: mean per spectral
+#: group (over positions and dates) -> ``[B, G, D]``; ``none``: the tokens themselves.
+POOLS = ("mean", "groups", "none")
+
+
+class Embedder(nn.Module):
+    """Normalised image ``[B, 12, H, W]`` (or stack ``[B, T, 12, H, W]`` with ``dates``) ->
+    embedding: ``[B, D]`` (``pool="mean"``), ``[B, G, D]`` (``"groups"``) or the encoder's
+    tokens ``[B, G, L, D]`` / ``[B, T, G, L, D]`` (``"none"``). What ``training.embed`` runs
+    and what ``training.export`` exports."""
+
+    def __init__(self, encoder: Encoder, pool: str = "mean") -> None:
+        super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"pool {pool!r}: use one of {', '.join(POOLS)}")
+        self.encoder = encoder
+        self.pool = pool
+
+    def forward(self, x: Tensor, dates: Tensor | None = None) -> Tensor:
+        tokens = self.encoder(x, dates)
+        if self.pool == "none":
+            return tokens
+        if self.pool == "groups":  # [.., G, L, D]: mean over L (and T) per group
+            per_group = tokens.mean(dim=-2)
+            return per_group.mean(dim=1) if per_group.dim() == 4 else per_group
+        return pool(tokens)
 
 
 class Classifier(nn.Module):
