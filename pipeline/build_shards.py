@@ -65,14 +65,15 @@ def parser(prog: str = "python -m pipeline.build_shards") -> argparse.ArgumentPa
     return p
 
 
-def _glue_negative_bbox(argv: list[str]) -> list[str]:
-    """`--bbox -7.5,52,-6,53` starts with '-', which argparse takes for an option: glue it."""
+def glue_negative_values(argv: list[str], flags: tuple[str, ...] = ("--bbox",)) -> list[str]:
+    """`--bbox -7.5,52,-6,53` starts with '-', which argparse takes for an option: glue it
+    (also for the other coordinate `flags` of a command, e.g. `--point`)."""
     out: list[str] = []
     it = iter(argv)
     for a in it:
-        if a == "--bbox":
+        if a in flags:
             nxt = next(it, None)
-            out.append(f"--bbox={nxt}" if nxt is not None else a)
+            out.append(f"{a}={nxt}" if nxt is not None else a)
         else:
             out.append(a)
     return out
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None, *, refresh: bool = False, prog: str | No
     p = parser(prog or ("python -m pipeline.refresh" if refresh else "python -m pipeline.build_shards"))
     if refresh:
         p.description = "Add the scenes a dataset does not have yet as a new dataset version."
-    args = p.parse_args(_glue_negative_bbox(list(sys.argv[1:] if argv is None else argv)))
+    args = p.parse_args(glue_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

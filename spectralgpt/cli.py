@@ -8,6 +8,7 @@ Each command is the same function as its ``python -m`` form (which keeps working
     spectralgpt pretrain  = python -m training.pretrain   (one process; several: deepspeed --module training.pretrain)
     spectralgpt export    = python -m training.export
     spectralgpt evaluate  = python -m training.evaluate
+    spectralgpt embed     = python -m training.embed         (search: spectralgpt embed search OUT ...)
     spectralgpt sizes     = python -m training sizes
 """
 
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "pretrain": ("training.pretrain:command_main", "progressive SpectralGPT pretraining with DeepSpeed", True),
     "export": ("training.export", "export a checkpoint to plain weights", True),
     "evaluate": ("training.evaluate", "linear probe, k-NN, fine-tuning, segmentation, change detection", True),
+    "embed": ("training.embed", "embed every sample of a dataset to GeoParquet; 'embed search' finds neighbours", True),
     "sizes": ("training.cli:sizes_main", "parameter and token counts of the model presets", True),
 }
 
@@ -47,7 +49,7 @@ def run(command: str, argv: list[str], prog: str) -> int:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if needs_trainer and exc.name and exc.name.split(".")[0] in ("torch", "deepspeed", "safetensors"):
+        if needs_trainer and exc.name and exc.name.split(".")[0] in ("torch", "deepspeed", "safetensors", "pyarrow", "faiss", "onnx", "onnxruntime"):
             print(f"error: {prog} needs the trainer's dependencies ({exc.name} is missing): "
                   "pip install 'spectralgpt-pipeline[train]'", file=sys.stderr)
             return 2

@@ -133,31 +133,32 @@ def write_oscd(root: Path, cities: Sequence[str] = ("abudhabi", "beirut", "cuper
     return root
 
 
-def write_checkpoints(root: Path, img_size: int = 32, seed: int = 0) -> dict[str, Path]:
-    """A random-init tiny model as exports (``.safetensors`` + ``.json``, ``.pt``) and as an
-    official ``SpectralGPT.pth``-style file (``{"model", "epoch", "args"}``)."""
+def write_checkpoints(root: Path, img_size: int = 32, seed: int = 0, preset: str = "tiny") -> dict[str, Path]:
+    """A random-init model (tiny unless ``preset`` says) as exports (``.safetensors`` +
+    ``.json``, ``.pt``) and as an official ``SpectralGPT.pth``-style file
+    (``{"model", "epoch", "args"}``)."""
     from safetensors.torch import save_file
 
     from training.export import EXPORT_FORMAT
     from training.models.spectral_mae import build_model
 
     torch.manual_seed(seed)
-    model = build_model("tiny", img_size=img_size)
+    model = build_model(preset, img_size=img_size)
     weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    info = {"format": EXPORT_FORMAT, "model": asdict(model.cfg), "preset": "tiny",
+    info = {"format": EXPORT_FORMAT, "model": asdict(model.cfg), "preset": preset,
             "stage": "random_init", "global_step": 0, "samples_seen": 0, "source": "",
             "bands_order": " ".join(MODEL_ORDER), "normalisation": "per_image_minmax"}
     root.mkdir(parents=True, exist_ok=True)
-    st = root / "tiny.safetensors"
+    st = root / f"{preset}.safetensors"
     save_file(weights, str(st), metadata={"spectralgpt": json.dumps(info)})
     st.with_suffix(".json").write_text(json.dumps(info, indent=1))
-    pt = root / "tiny_pt" / "tiny.pt"
+    pt = root / f"{preset}_pt" / f"{preset}.pt"
     pt.parent.mkdir(exist_ok=True)
     torch.save({"model": weights, "config": info}, pt)
-    official = root / "official" / "SpectralGPT_tiny.pth"
+    official = root / "official" / f"SpectralGPT_{preset}.pth"
     official.parent.mkdir(exist_ok=True)
     torch.save({"model": {f"module.{k}": v for k, v in weights.items()}, "epoch": 1,
-                "args": argparse.Namespace(model="mae_vit_tiny")}, official)
+                "args": argparse.Namespace(model=f"mae_vit_{preset}")}, official)
     return {"safetensors": st, "pt": pt, "official": official}
 
 

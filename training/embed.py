@@ -1,0 +1,1007 @@
+"""Embed every chip of a dataset with a pretrained encoder, as GeoParquet; search the vectors.
+
+Usage::
+
+    python -m training.embed --checkpoint CKPT --manifest MANIFEST --dataset NAME \\
+        [--split train|val|all] --output OUT [--pool mean|groups|none] [--float16]
+    python -m training.embed --checkpoint CKPT --aoi NAME | --bbox W,S,E,N [--catalog ...] --output OUT
+    torchrun --standalone --nproc_per_node N -m training.embed ...      (or the deepspeed launcher)
+    python -m training.embed search OUT (--key KEY | --point LON,LAT) [-k 10] [--html PAGE]
+
+``CKPT`` is anything ``python -m training.evaluate`` takes (a DeepSpeed run or checkpoint
+folder, an export of ``training.export``, an official SpectralGPT ``.pth``). The encoder runs
+without masking on every sample (time stacks with their acquisition dates), with the input
+normalisation of its pretraining (``training.evaluation.checkpoints.resolve_normalisation``).
+
+``OUT`` (a local folder or an fsspec URL such as ``s3://bucket/emb``) becomes a GeoParquet 1.1
+dataset: one part per input shard, ``OUT/<dataset>/<split>/<shard stem>.parquet``, one row per
+sample (columns: :data:`COLUMNS`; ``embedding`` is a fixed-size list of float32, or float16 with
+``--float16``: ``D`` values for ``--pool mean``, ``G x D`` (group-major) for ``--pool groups``).
+``--pool none`` keeps the encoder's tokens: the rows carry no ``embedding`` and
+``OUT/_tokens/<dataset>/<split>/<shard stem>.zarr`` (a ``_`` name: GeoParquet readers skip it) holds an array ``tokens``
+``[N, (T,) G, L, D]`` in row order. Every part's key-value metadata holds ``geo`` (GeoParquet)
+and ``spectralgpt`` (:data:`EMBED_FORMAT`, the checkpoint's sha256, the model config, the
+normalisation, the pooling). ``OUT/_run.json`` (written first) names the run; a run with
+other inputs refuses the folder. ``OUT/_embeddings.json`` (written last, after every part was
+counted) is the completion record: rows per split, every sample exactly once.
+
+A part appears under its final name only when complete (a temporary file, then a rename or
+one upload); a killed run resumes and skips finished parts. With several processes, rank
+``r`` embeds parts ``r, r + N, ...``: the parts, so the rows, are the same for any N.
+bf16 autocast on GPU, fp32 on CPU.
+
+Exit codes: 0 done, 2 bad input (one line on stderr), 3 the result is incomplete
+(rows missing or twice), 6 disk full; ``search``: 0, or 2 for a bad query.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from pipeline.build_shards import glue_negative_values
+from pipeline.location import Location
+from pipeline.names import UnsafeName, safe_name
+from spectralgpt import __version__
+from training.data import (
+    READABLE_FORMATS,
+    _read_manifest,
+    decode_chip,
+    is_remote,
+    open_shard,
+    read_shard_set,
+    tar_samples,
+)
+from training.errors import DataError, TrainingError, disk_full_cause, no_space
+from training.evaluation.checkpoints import (
+    Checkpoint,
+    Normalisation,
+    build_mae,
+    load_checkpoint,
+    normalise,
+    resolve_normalisation,
+)
+from training.evaluation.errors import EvaluationError
+from training.evaluation.heads import POOLS, Embedder, Encoder
+
+logger = logging.getLogger(__name__)
+
+EMBED_FORMAT = "spectralgpt-embeddings/1"
+QUALITY = ("nodata", "invalid", "cloud", "shadow", "cirrus", "snow")
+#: The columns of every part, in order (``embedding`` absent with ``--pool none``).
+COLUMNS = ("key", "shard", "geometry", "bbox", "crs", "transform", "datetime", "datetimes",
+           "scene_ids", "tile", "dataset", "dataset_version", "split", "gsd",
+           *(f"quality_{q}" for q in QUALITY), "quality_scl", "embedding")
+#: Points per footprint edge: chip corners reprojected alone would cut the curved edges of a
+#: large chip in lon/lat; 8 keep a 1,000 px chip's outline within a metre.
+EDGE_POINTS = 8
+
+
+class IncompleteError(TrainingError):
+    """The parts hold fewer or more rows than the manifest lists: not a complete result."""
+
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """One embedding run (the flags of ``python -m training.embed``)."""
+
+    checkpoint: str
+    manifest: str
+    dataset: str
+    output: str
+    split: str = "all"
+    """``train``, ``val`` or ``all`` (every split the manifest lists)."""
+    pool: str = "mean"
+    float16: bool = False
+    batch_size: int = 32
+    workers: int = 1
+    """DataLoader worker processes reading and normalising shards (0: in the main process)."""
+    normalisation: str = "auto"
+    version: str = "latest"
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.pool not in POOLS:
+            raise EvaluationError(f"--pool {self.pool!r}: use one of {', '.join(POOLS)}")
+        if self.batch_size < 1 or self.workers < 0:
+            raise EvaluationError("--batch-size must be >= 1 and --workers >= 0")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One input shard and the part file it becomes."""
+
+    index: int
+    split: str
+    shard: str
+    """Path or URL the shard is read from."""
+    rel: str
+    """The shard's path relative to the manifest's folder (the ``shard`` column)."""
+    num_samples: int
+    name: str
+    """``<dataset>/<split>/<shard stem>.parquet`` under ``OUT``."""
+    version: int | None
+
+
+@dataclass(frozen=True)
+class Plan:
+    parts: tuple[Part, ...]
+    shape: tuple[int, ...]
+    """Stored chip shape ``(12, S, S)`` or ``(T, 12, S, S)``."""
+    dates: int
+    chip_size: int
+    splits: dict[str, int]
+    """Split -> samples listed in the manifest."""
+    dataset_version: int | None
+    manifest_hash: str | None
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan(cfg: EmbedConfig, ckpt: Checkpoint) -> Plan:
+    """The parts of ``cfg.dataset`` (``DataError`` for a missing data set, split or shard)."""
+    manifest = _read_manifest(cfg.manifest)
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise DataError(f"manifest '{cfg.manifest}' has format {str(manifest.get('format'))[:60]!r}, "
+                        f"expected one of {', '.join(READABLE_FORMATS)}")
+    datasets = manifest.get("datasets") or {}
+    if cfg.dataset not in datasets:
+        raise DataError(f"data set '{cfg.dataset}' not in manifest '{cfg.manifest}' "
+                        f"(available: {', '.join(datasets) or 'none'})")
+    entry = datasets[cfg.dataset]
+    shape = tuple(int(v) for v in entry.get("shape") or ())
+    dates = shape[0] if entry.get("layout") == "TCHW" and len(shape) == 4 else 1
+    listed = sorted((entry.get("splits") or {}))
+    splits = listed if cfg.split == "all" else [cfg.split]
+    if not splits:
+        raise DataError(f"data set '{cfg.dataset}' in '{cfg.manifest}' has no splits")
+    # the manifest's own checks (format, layout, bands, confined shard paths, files present),
+    # for a model that takes this data set's chips at their size
+    chip = int(entry.get("chip_size", shape[-1] if shape else 0))
+    if chip < ckpt.config.patch_size or chip % ckpt.config.patch_size:
+        raise DataError(f"data set '{cfg.dataset}' has {chip} px chips: the encoder takes sizes that are "
+                        f"multiples of its patch size {ckpt.config.patch_size}")
+    probe = dataclasses.replace(ckpt.config, img_size=chip, num_dates=dates,
+                                max_dates=max(ckpt.config.max_dates, dates))
+    root = str(cfg.manifest).rsplit("/", 1)[0] if is_remote(cfg.manifest) else \
+        str(Path(cfg.manifest).resolve().parent)
+    parts: list[Part] = []
+    counts: dict[str, int] = {}
+    resolved: int | None = None
+    for split in splits:
+        listed_n = (entry.get("splits") or {}).get(split, {}).get("num_samples")
+        if cfg.split == "all" and listed_n == 0:
+            logger.info("split '%s' of '%s' holds no samples: nothing to embed there", split, cfg.dataset)
+            continue
+        shard_set = read_shard_set(cfg.manifest, cfg.dataset, split, probe, version=cfg.version)
+        counts[split] = shard_set.num_samples
+        resolved = shard_set.version
+        for url, n in zip(shard_set.shards, shard_set.shard_samples, strict=True):
+            rel = url[len(root) + 1:] if url.startswith(root + "/") else Path(url).name
+            stem = Path(rel).name.removesuffix(".tar")
+            try:
+                name = f"{safe_name(cfg.dataset, 'data set')}/{split}/{safe_name(stem, 'shard name')}.parquet"
+            except UnsafeName as exc:
+                raise DataError(str(exc)) from None
+            m = re.search(r"-v(\d{4})-", stem)
+            parts.append(Part(len(parts), split, url, rel, int(n or 0), name,
+                              int(m.group(1)) if m else resolved))
+    if not parts:
+        raise DataError(f"data set '{cfg.dataset}' in '{cfg.manifest}' has no samples to embed")
+    names = [p.name for p in parts]
+    if len(set(names)) != len(names):
+        raise DataError(f"two shards of '{cfg.dataset}' share a file name: parts would collide")
+    return Plan(tuple(parts), shape, dates, chip, counts, resolved,
+                manifest.get("config_hash"))
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _meta(raw: bytes | None, key: str, shard: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(raw or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"sample '{key[:80]}' in '{shard}' has no readable .json member") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"sample '{key[:80]}' in '{shard}': its .json is not an object")
+    return meta
+
+
+def _dates(meta: dict[str, Any], t: int) -> list[tuple[float, float]]:
+    """``(year, day of year)`` per date, as the trainer encodes them (training.data._sample_meta)."""
+    out = []
+    for stamp in (meta.get("datetimes") or [])[:t]:
+        when = _parse_time(stamp)
+        out.append((float(when.year), float(when.timetuple().tm_yday)) if when else (0.0, 0.0))
+    return out + [(0.0, 0.0)] * (t - len(out))
+
+
+def _parse_time(stamp: Any) -> dt.datetime | None:
+    try:
+        when = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+class PartBatches(IterableDataset):  # type: ignore[type-arg]
+    """Batches of normalised chips, part by part; each DataLoader worker takes every n-th part.
+
+    Yields ``{"part": index, "last": bool, "x": [b, (T,) 12, S, S] float32, "dates": [b, T, 2]
+    or None, "meta": list of b sample dicts}``; a part's last batch has ``last`` set (and may
+    be empty). A sample that cannot be decoded, or a part with another count than the
+    manifest lists, is a ``DataError``: embeddings are all or nothing.
+    """
+
+    def __init__(self, parts: Sequence[Part], shape: tuple[int, ...], dates: int, batch_size: int,
+                 norm: Normalisation) -> None:
+        self.parts, self.shape, self.t, self.batch_size, self.norm = list(parts), shape, dates, batch_size, norm
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        for i, part in enumerate(self.parts):
+            if i % workers == worker:
+                yield from self._part(part)
+
+    def _part(self, part: Part) -> Iterator[dict[str, Any]]:
+        chips: list[np.ndarray] = []
+        metas: list[dict[str, Any]] = []
+        seen = 0
+        try:
+            with open_shard(part.shard) as fh:
+                for key, members in tar_samples(fh):
+                    if "npy" not in members:
+                        raise DataError(f"sample '{key[:80]}' in '{part.rel}' has no .npy member")
+                    try:
+                        chips.append(decode_chip(members["npy"], self.shape))  # type: ignore[arg-type]
+                    except ValueError as exc:
+                        raise DataError(f"sample '{key[:80]}' in '{part.rel}': chip {exc}") from None
+                    meta = _meta(members.get("json"), key, part.rel)
+                    meta["key"] = key  # the key in the shards, whatever the .json says
+                    metas.append(meta)
+                    seen += 1
+                    if len(chips) == self.batch_size:
+                        yield self._batch(part, chips, metas, last=False)
+                        chips, metas = [], []
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read shard '{part.rel}': {exc}") from None
+        if seen != part.num_samples:
+            raise DataError(f"shard '{part.rel}' holds {seen} samples, the manifest lists {part.num_samples}")
+        yield self._batch(part, chips, metas, last=True)
+
+    def _batch(self, part: Part, chips: list[np.ndarray], metas: list[dict[str, Any]], *, last: bool) -> dict[str, Any]:
+        if chips:
+            x = normalise(torch.from_numpy(np.stack(chips).astype(np.float32)), self.norm)
+        else:
+            x = torch.zeros((0, *self.shape), dtype=torch.float32)
+        dates = torch.tensor([_dates(m, self.t) for m in metas], dtype=torch.float32).reshape(-1, self.t, 2) \
+            if self.t > 1 else None
+        return {"part": part.index, "last": last, "x": x, "dates": dates, "meta": metas}
+
+
+# --------------------------------------------------------------------------- rows
+
+
+def _footprints(metas: Sequence[dict[str, Any]], size: int) -> tuple[list[bytes | None], np.ndarray]:
+    """WKB polygons in lon/lat (EPSG:4326 coordinates, lon first) and ``[n, 4]`` bboxes.
+
+    From each chip's native grid (``crs``, ``transform``, ``size`` px): the outline with
+    :data:`EDGE_POINTS` points per edge, reprojected with PROJ. A sample without a grid falls
+    back to its ``bbox_lonlat``; without either its geometry is null (bbox NaN).
+    """
+    import shapely
+    from pyproj import Transformer
+
+    n = len(metas)
+    wkb: list[bytes | None] = [None] * n
+    boxes = np.full((n, 4), np.nan)
+    k = np.linspace(0.0, 1.0, EDGE_POINTS, endpoint=False)
+    # outline in pixel units, counter-clockwise in lon/lat for a north-up grid (e < 0)
+    cols = np.concatenate([k, np.ones_like(k), 1 - k, np.zeros_like(k)]) * size
+    rows = np.concatenate([np.ones_like(k), 1 - k, np.zeros_like(k), k]) * size
+    by_crs: dict[str, list[int]] = {}
+    for i, m in enumerate(metas):
+        tr = m.get("transform")
+        if isinstance(m.get("crs"), str) and isinstance(tr, list) and len(tr) == 6:
+            by_crs.setdefault(m["crs"], []).append(i)
+        elif isinstance(m.get("bbox_lonlat"), list) and len(m["bbox_lonlat"]) == 4:
+            w, s, e, nn = (float(v) for v in m["bbox_lonlat"])
+            wkb[i] = shapely.to_wkb(shapely.box(w, s, e, nn))
+            boxes[i] = (w, s, e, nn)
+    for crs, idx in by_crs.items():
+        to_lonlat = Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        t = np.array([metas[i]["transform"] for i in idx], dtype=np.float64)  # a b c d e f
+        x = t[:, 0:1] * cols + t[:, 1:2] * rows + t[:, 2:3]
+        y = t[:, 3:4] * cols + t[:, 4:5] * rows + t[:, 5:6]
+        lon, lat = to_lonlat.transform(x, y)
+        polys = shapely.polygons(np.stack([lon, lat], axis=-1))
+        for j, i in enumerate(idx):
+            wkb[i] = shapely.to_wkb(polys[j])
+            boxes[i] = (lon[j].min(), lat[j].min(), lon[j].max(), lat[j].max())
+    return wkb, boxes
+
+
+def _table(part: Part, metas: list[dict[str, Any]], emb: np.ndarray | None, size: int,
+           dataset: str, embed_dtype: str) -> Any:
+    """The rows of one part as a pyarrow Table (schema: :func:`schema`)."""
+    import pyarrow as pa
+
+    wkb, boxes = _footprints(metas, size)
+    times = [[_parse_time(s) for s in (m.get("datetimes") or [])] for m in metas]
+    qual = [m.get("quality") if isinstance(m.get("quality"), dict) else {} for m in metas]
+
+    def opt_float(v: Any) -> float | None:
+        return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+    cols: dict[str, Any] = {
+        "key": [m["key"] for m in metas],
+        "shard": [part.rel] * len(metas),
+        "geometry": wkb,
+        "bbox": [None if math.isnan(b[0]) else dict(zip(("xmin", "ymin", "xmax", "ymax"), map(float, b), strict=True))
+                 for b in boxes],
+        "crs": [m.get("crs") if isinstance(m.get("crs"), str) else None for m in metas],
+        "transform": [[float(v) for v in m["transform"]] if isinstance(m.get("transform"), list) else None
+                      for m in metas],
+        "datetime": [ts[0] if ts else None for ts in times],
+        "datetimes": times,
+        "scene_ids": [[str(s) for s in m.get("scene_ids") or []] for m in metas],
+        "tile": [m.get("tile") if isinstance(m.get("tile"), str) else None for m in metas],
+        "dataset": [dataset] * len(metas),
+        "dataset_version": [part.version] * len(metas),
+        "split": [part.split] * len(metas),
+        "gsd": [opt_float(m.get("gsd")) for m in metas],
+        **{f"quality_{q}": [opt_float(d.get(q)) for d in qual] for q in QUALITY},
+        "quality_scl": [d.get("scl") if isinstance(d.get("scl"), bool) else None for d in qual],
+    }
+    width = 0 if emb is None else int(np.prod(emb.shape[1:]))
+    sch = schema(width, embed_dtype)
+    arrays = [pa.array(cols[f.name], type=f.type) for f in sch if f.name != "embedding"]
+    if emb is not None:
+        flat = pa.array(emb.reshape(len(metas), width).astype(embed_dtype).ravel())
+        arrays.append(pa.FixedSizeListArray.from_arrays(flat, width))
+    return pa.Table.from_arrays(arrays, schema=sch)
+
+
+def schema(width: int, embed_dtype: str = "float32") -> Any:
+    """The parts' Arrow schema; ``width`` 0: no ``embedding`` column (``--pool none``)."""
+    import pyarrow as pa
+
+    fields = [
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("shard", pa.string()),
+        pa.field("geometry", pa.binary()),
+        pa.field("bbox", pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])),
+        pa.field("crs", pa.string()),
+        pa.field("transform", pa.list_(pa.float64())),
+        pa.field("datetime", pa.timestamp("ms", tz="UTC")),
+        pa.field("datetimes", pa.list_(pa.timestamp("ms", tz="UTC"))),
+        pa.field("scene_ids", pa.list_(pa.string())),
+        pa.field("tile", pa.string()),
+        pa.field("dataset", pa.string()),
+        pa.field("dataset_version", pa.int32()),
+        pa.field("split", pa.string()),
+        pa.field("gsd", pa.float64()),
+        *(pa.field(f"quality_{q}", pa.float32()) for q in QUALITY),
+        pa.field("quality_scl", pa.bool_()),
+    ]
+    if width:
+        value = pa.float16() if embed_dtype == "float16" else pa.float32()
+        fields.append(pa.field("embedding", pa.list_(value, width)))
+    return pa.schema(fields)
+
+
+def geo_metadata(boxes: np.ndarray) -> dict[str, Any]:
+    """GeoParquet 1.1 file metadata for the ``geometry`` column (lon/lat, OGC:CRS84 axis order)."""
+    from pyproj import CRS
+
+    ok = boxes[~np.isnan(boxes[:, 0])] if len(boxes) else boxes
+    bbox = [float(ok[:, 0].min()), float(ok[:, 1].min()), float(ok[:, 2].max()), float(ok[:, 3].max())] \
+        if len(ok) else []
+    column: dict[str, Any] = {
+        "encoding": "WKB", "geometry_types": ["Polygon"], "crs": CRS("OGC:CRS84").to_json_dict(),
+        "edges": "planar", "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
+    }
+    if bbox:
+        column["bbox"] = bbox
+    return {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+
+
+# --------------------------------------------------------------------------- the run
+
+
+def _rank() -> tuple[int, int]:
+    """``(rank, world size)`` from the launcher's environment (torchrun, deepspeed)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+class _Group:
+    """The process group of a multi-process run (gloo on CPU, NCCL on GPU), or nothing."""
+
+    def __init__(self, world: int, device: torch.device) -> None:
+        self.world = world
+        if world > 1:
+            import torch.distributed as dist
+
+            # the ranks wait for each other only at the start and the end: a slow rank's
+            # whole share of the parts lies between, hence the long timeout
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=dt.timedelta(hours=float(os.environ.get("SPECTRALGPT_EMBED_TIMEOUT_H", "12"))))
+
+    def share(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (all-gather), in rank order."""
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            with contextlib.suppress(Exception):
+                dist.destroy_process_group()
+
+
+def run_identity(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisation, sha: str) -> dict[str, Any]:
+    """What ``_run.json`` records: a rerun with other values is another result."""
+    return {"format": EMBED_FORMAT, "checkpoint_sha256": sha, "dataset": cfg.dataset,
+            "splits": sorted(pl.splits), "dataset_version": pl.dataset_version,
+            "manifest_config_hash": pl.manifest_hash, "pool": cfg.pool,
+            "dtype": "float16" if cfg.float16 else "float32", "normalisation": norm.describe(),
+            "chip_size": pl.chip_size, "dates": pl.dates}
+
+
+def _claim_output(loc: Location, identity: dict[str, Any], manifest: str) -> None:
+    """Make ``OUT`` ours, or check that it already is, for these inputs (an area's dataset,
+    built by this command under ``OUT/dataset/``, is ours too)."""
+    found = loc.read_json("_run.json")
+    if found is None:
+        area = manifest == f"{loc.target.rstrip('/')}/dataset/manifest.json"
+        others = [n for n in loc.list("") if not n.startswith(".partial/")
+                  and not (area and n.startswith("dataset/"))]
+        if others:
+            raise EvaluationError(f"--output '{loc.target}' is not empty and holds no embeddings of "
+                                  f"training.embed (e.g. {others[0][:80]}): choose an empty or new folder")
+        loc.write_json("_run.json", {**identity, "manifest": manifest, "software_version": __version__})
+        return
+    mine = {k: found.get(k) for k in identity}
+    if mine != identity:
+        diff = [k for k in identity if found.get(k) != identity[k]]
+        raise EvaluationError(f"--output '{loc.target}' holds embeddings made with another "
+                              f"{', '.join(diff)}: choose another --output")
+
+
+def embed(cfg: EmbedConfig) -> dict[str, Any]:
+    """Run the embedding (module doc); returns the completion record (rank 0) or this rank's
+    counts. Raises ``TrainingError`` subclasses for what the user can fix."""
+    from training.export import checkpoint_sha256
+
+    rank, world = _rank()
+    device = _device()
+    group = _Group(world, device)
+    try:
+        ckpt = load_checkpoint(cfg.checkpoint, cfg.preset)
+        pl = plan(cfg, ckpt)
+        norm = resolve_normalisation(ckpt, cfg.normalisation,  # type: ignore[arg-type]
+                                     None if is_remote(cfg.manifest) else cfg.manifest)
+        identity = run_identity(cfg, ckpt, pl, norm, checkpoint_sha256(ckpt))
+        loc = Location(cfg.output)
+        error = None
+        if rank == 0:
+            try:
+                _claim_output(loc, identity, cfg.manifest)
+            except TrainingError as exc:
+                error = str(exc)
+        if (error := group.share(error)[0]) is not None:
+            raise EvaluationError(error)
+        done = set(loc.list(f"{cfg.dataset}/"))
+        mine = [p for p in pl.parts if p.index % world == rank and p.name not in done]
+        skipped = sum(p.index % world == rank and p.name in done for p in pl.parts)
+        logger.info("rank %d/%d: %d part(s) to embed, %d finished by an earlier run; %s, pool %s, %s",
+                    rank, world, len(mine), skipped, norm.mode, cfg.pool, device)
+        t0 = time.monotonic()
+        rows = _embed_parts(cfg, ckpt, pl, norm, identity, mine, loc, device) if mine else 0
+        seconds = time.monotonic() - t0
+        counts = group.share(rows)
+        if rank != 0:
+            return {"rank": rank, "rows": rows, "seconds": seconds}
+        return {**_finish(loc, pl, identity, sum(counts)), "seconds": seconds}
+    finally:
+        group.close()
+
+
+def _embed_parts(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisation,
+                 identity: dict[str, Any], parts: list[Part], loc: Location, device: torch.device) -> int:
+    model = Embedder(Encoder(build_mae(ckpt, pl.chip_size)), cfg.pool).to(device).eval()
+    stream = PartBatches(parts, pl.shape, pl.dates, cfg.batch_size, norm)
+    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers,
+                        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+    by_index = {p.index: p for p in parts}
+    pending: dict[int, tuple[list[dict[str, Any]], list[np.ndarray]]] = {}
+    tokens: dict[int, Any] = {}
+    meta_info = {**identity, "model": dataclasses.asdict(dataclasses.replace(ckpt.config, img_size=pl.chip_size)),
+                 "checkpoint": {"kind": ckpt.kind, "name": Path(str(ckpt.path)).name},
+                 "software_version": __version__}
+    rows, t0, last_log = 0, time.monotonic(), time.monotonic()
+    scratch = Path(tempfile.mkdtemp(prefix="embed-"))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                part = by_index[batch["part"]]
+                metas, embs = pending.setdefault(part.index, ([], []))
+                if batch["x"].shape[0]:
+                    x = batch["x"].to(device, non_blocking=True)
+                    dates = batch["dates"].to(device) if batch["dates"] is not None else None
+                    with autocast:
+                        out = model(x, dates).float().cpu().numpy()
+                    if cfg.pool == "none":
+                        _tokens_write(tokens, scratch, part, len(metas), out, cfg.float16)
+                    else:
+                        embs.append(out)
+                    metas.extend(batch["meta"])
+                if batch["last"]:
+                    metas, embs = pending.pop(part.index)
+                    emb = np.concatenate(embs) if embs else None
+                    if emb is None and cfg.pool != "none":  # an empty shard: a zero-row part
+                        emb = np.zeros((0, ckpt.config.embed_dim), np.float32)
+                    _publish_part(loc, scratch, part, metas, emb, pl, cfg, meta_info, tokens.pop(part.index, None))
+                    rows += len(metas)
+                    if time.monotonic() - last_log > 10 or part is parts[-1]:
+                        last_log = time.monotonic()
+                        rate = rows / max(last_log - t0, 1e-9)
+                        logger.info("embedded %d rows (%.1f rows/s)", rows, rate)
+    except OSError as exc:
+        if no_space(exc) or disk_full_cause(exc):
+            from training.errors import DiskFullError
+
+            raise DiskFullError.at("embeddings", cfg.output, exc) from None
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def _tokens_write(tokens: dict[int, Any], scratch: Path, part: Part, start: int, out: np.ndarray,
+                  float16: bool) -> None:
+    """Rows ``start..`` of the part's token array, in a zarr store in the local scratch folder."""
+    import zarr
+
+    if part.index not in tokens:
+        path = scratch / f"{part.index}.zarr"
+        arr = zarr.create_array(store=str(path), name="tokens", shape=(part.num_samples, *out.shape[1:]),
+                                chunks=(min(64, max(part.num_samples, 1)), *out.shape[1:]),
+                                dtype="float16" if float16 else "float32")
+        tokens[part.index] = (path, arr)
+    tokens[part.index][1][start:start + len(out)] = out.astype(np.float16 if float16 else np.float32)
+
+
+def _publish_part(loc: Location, scratch: Path, part: Part, metas: list[dict[str, Any]], emb: np.ndarray | None,
+                  pl: Plan, cfg: EmbedConfig, meta_info: dict[str, Any], tokens: Any) -> None:
+    """Write one part: its tokens store first (``--pool none``), then its parquet file, whose
+    appearance under its final name marks the part complete."""
+    import pyarrow.parquet as pq
+
+    table = _table(part, metas, emb, pl.chip_size, cfg.dataset, "float16" if cfg.float16 else "float32")
+    _, boxes = _footprints(metas, pl.chip_size) if metas else ([], np.zeros((0, 4)))
+    info = {**meta_info, "part": part.name, "shard": part.rel, "rows": len(metas)}
+    if emb is not None:
+        info["embedding_shape"] = list(emb.shape[1:])
+    if tokens is not None:
+        path, arr = tokens
+        rel = f"_tokens/{part.name.removesuffix('.parquet')}.zarr"
+        info["tokens"] = {"path": rel, "shape": list(arr.shape)}
+        loc.put_tree(path, rel)
+    table = table.replace_schema_metadata({b"geo": json.dumps(geo_metadata(boxes)).encode(),
+                                           b"spectralgpt": json.dumps(info).encode()})
+    tmp = scratch / f"{part.index}.parquet"
+    pq.write_table(table, tmp, compression="zstd", row_group_size=max(len(metas), 1))
+    if not loc.remote:  # same filesystem as the target: the rename in publish is atomic
+        staged = loc.local_root / ".partial" / f"{part.index}-{os.getpid()}.parquet"
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), staged)
+        tmp = staged
+    loc.publish(tmp, part.name)
+
+
+def _finish(loc: Location, pl: Plan, identity: dict[str, Any], rows_now: int) -> dict[str, Any]:
+    """Count every part's rows and keys against the manifest; write ``_embeddings.json`` last."""
+    import pyarrow.dataset as ds
+
+    found = set(loc.list(f"{pl.parts[0].name.split('/')[0]}/")) if pl.parts else set()
+    missing = [p.name for p in pl.parts if p.name not in found]
+    if missing:
+        raise IncompleteError(f"{len(missing)} part(s) are missing after the run, e.g. {missing[0]}")
+    target = loc.target if loc.remote else str(loc.local_root)
+    files = [f"{target.rstrip('/')}/{p.name}" for p in pl.parts]
+    fs = None
+    if loc.remote:
+        import fsspec
+
+        fs, _ = fsspec.core.url_to_fs(target)
+        files = [f.split("://", 1)[1] for f in files]
+    table = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=["key", "split"])
+    keys = table.column("key").to_numpy(zero_copy_only=False)
+    splits = table.column("split").to_numpy(zero_copy_only=False)
+    per_split = {s: int((splits == s).sum()) for s in pl.splits}
+    dupes = len(keys) - len(set(keys.tolist()))
+    if per_split != pl.splits or dupes:
+        raise IncompleteError(f"the parts hold {per_split} rows ({dupes} key(s) twice) but the manifest "
+                              f"lists {pl.splits}: the result is incomplete")
+    record = {**identity, "rows": per_split, "parts": len(pl.parts), "rows_this_run": rows_now,
+              "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    loc.write_json("_embeddings.json", record)
+    if not loc.remote:
+        shutil.rmtree(loc.local_root / ".partial", ignore_errors=True)
+    logger.info("embeddings complete: %s rows in %d part(s) at %s", per_split, len(pl.parts), loc.target)
+    return record
+
+
+# --------------------------------------------------------------------------- search
+
+
+@dataclass
+class Vectors:
+    """The rows of an embeddings folder: keys ``[N]``, unit vectors ``[N, E]`` float32."""
+
+    keys: np.ndarray
+    unit: np.ndarray
+    shards: np.ndarray
+    run: dict[str, Any]
+
+
+def _dataset(out: str) -> tuple[Any, Location]:
+    import pyarrow.dataset as ds
+
+    loc = Location(out)
+    run = loc.read_json("_embeddings.json")
+    if run is None:
+        raise EvaluationError(f"'{out}' holds no finished embeddings (no _embeddings.json): run "
+                              "python -m training.embed first, or let it finish")
+    fs = None
+    target = out
+    if loc.remote:
+        import fsspec
+
+        fs, target = fsspec.core.url_to_fs(out)
+    parts = [f"{target.rstrip('/')}/{n}" for n in loc.list("") if n.endswith(".parquet") and not n.startswith(".")]
+    return ds.dataset(parts, format="parquet", filesystem=fs), loc
+
+
+def load_vectors(out: str) -> Vectors:
+    """Keys and L2-normalised embeddings of a finished run (``EvaluationError`` otherwise)."""
+    data, loc = _dataset(out)
+    if "embedding" not in data.schema.names:
+        raise EvaluationError(f"'{out}' was embedded with --pool none (tokens, no vectors): search needs "
+                              "--pool mean or groups")
+    table = data.to_table(columns=["key", "shard", "embedding"])
+    emb = table.column("embedding").combine_chunks()
+    width = emb.type.list_size
+    vec = emb.values.to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, width)
+    norm = np.linalg.norm(vec, axis=1, keepdims=True)
+    unit = np.divide(vec, norm, out=np.zeros_like(vec), where=norm > 0)
+    return Vectors(table.column("key").to_numpy(zero_copy_only=False),
+                   unit, table.column("shard").to_numpy(zero_copy_only=False), loc.read_json("_embeddings.json") or {})
+
+
+def exact_top_k(unit: np.ndarray, query: np.ndarray, k: int, chunk: int = 65536) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine similarities of the ``k`` rows nearest ``query`` (unit vectors),
+    nearest first; rows are scored in chunks so memory stays ``chunk x E``."""
+    best_i = np.zeros(0, dtype=np.int64)
+    best_s = np.zeros(0, dtype=np.float32)
+    for start in range(0, len(unit), chunk):
+        s = unit[start:start + chunk] @ query
+        take = min(k, len(s))
+        idx = np.argpartition(-s, take - 1)[:take]
+        best_i = np.concatenate([best_i, idx + start])
+        best_s = np.concatenate([best_s, s[idx]])
+        if len(best_i) > k:
+            keep = np.argpartition(-best_s, k - 1)[:k]
+            best_i, best_s = best_i[keep], best_s[keep]
+    order = np.lexsort((best_i, -best_s))  # ties: the earlier row first (deterministic)
+    return best_i[order], best_s[order]
+
+
+def hnsw_top_k(unit: np.ndarray, query: np.ndarray, k: int, *, m: int = 32, ef: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-``k`` by inner product with a faiss HNSW index over ``unit``."""
+    import faiss
+
+    index = faiss.IndexHNSWFlat(unit.shape[1], m, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efSearch = max(ef, k)
+    index.add(np.ascontiguousarray(unit, dtype=np.float32))
+    sims, idx = index.search(np.ascontiguousarray(query[None], dtype=np.float32), k)
+    ok = idx[0] >= 0
+    return idx[0][ok].astype(np.int64), sims[0][ok]
+
+
+#: Above this many rows ``--index auto`` uses the HNSW index (exact search reads every vector).
+EXACT_MAX_ROWS = 500_000
+
+
+def point_key(out: str, lon: float, lat: float) -> str:
+    """The key of the sample whose footprint holds (lon, lat); the nearest footprint if none
+    does (several: the first by key)."""
+    import shapely
+
+    data, _ = _dataset(out)
+    table = data.to_table(columns=["key", "geometry"])
+    keys = table.column("key").to_numpy(zero_copy_only=False)
+    geoms = shapely.from_wkb(table.column("geometry").to_numpy(zero_copy_only=False))
+    if not len(keys):
+        raise EvaluationError(f"'{out}' holds no rows")
+    inside = shapely.contains_xy(geoms, lon, lat)
+    if inside.any():
+        return str(sorted(keys[inside].tolist())[0])
+    dist = shapely.distance(geoms, shapely.points(lon, lat))
+    nearest = int(np.nanargmin(np.where(np.isnan(dist), np.inf, dist)))
+    logger.warning("no footprint holds %.5f,%.5f: using the nearest sample %s (%.4f degrees away)",
+                   lon, lat, keys[nearest], dist[nearest])
+    return str(keys[nearest])
+
+
+def search(out: str, *, key: str | None = None, point: tuple[float, float] | None = None, k: int = 10,
+           index: str = "auto") -> list[tuple[str, float]]:
+    """The ``k`` samples nearest (cosine) to ``key``'s embedding, or to the sample at ``point``."""
+    vec = load_vectors(out)
+    if key is None:
+        assert point is not None
+        key = point_key(out, *point)
+    hits = np.flatnonzero(vec.keys == key)
+    if not len(hits):
+        raise EvaluationError(f"key {key[:100]!r} is not in '{out}'")
+    q = vec.unit[hits[0]]
+    k = min(k, len(vec.keys))
+    use_hnsw = index == "hnsw" or (index == "auto" and len(vec.keys) > EXACT_MAX_ROWS)
+    idx, sims = hnsw_top_k(vec.unit, q, k) if use_hnsw else exact_top_k(vec.unit, q, k)
+    found = [(str(vec.keys[i]), float(s)) for i, s in zip(idx, sims, strict=True)]
+    # the query itself first when its similarity ties with another row's (duplicates)
+    found.sort(key=lambda r: (-round(r[1], 6), r[0] != key))
+    return found
+
+
+def _chips(out: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Stored chips of ``keys``, read from the shards the run's manifest lists."""
+    from pipeline.names import confined, safe_relpath
+
+    vec = load_vectors(out)
+    loc = Location(out)
+    run = loc.read_json("_run.json") or {}
+    manifest = str(run.get("manifest") or "")
+    if not manifest:
+        raise EvaluationError(f"'{out}/_run.json' names no manifest: cannot show the chips")
+    root = manifest.rsplit("/", 1)[0] if is_remote(manifest) else str(Path(manifest).resolve().parent)
+    want = set(keys)
+    shards = sorted({str(s) for kk, s in zip(vec.keys, vec.shards, strict=True) if kk in want})
+    chips: dict[str, np.ndarray] = {}
+    for rel in shards:
+        try:
+            url = f"{root}/{safe_relpath(rel, 'shard path')}" if is_remote(manifest) else \
+                str(confined(Path(root), rel, "shard path"))
+        except UnsafeName as exc:
+            raise EvaluationError(str(exc)) from None
+        with open_shard(url) as fh:
+            for kk, members in tar_samples(fh):
+                if kk in want and "npy" in members:
+                    chips[kk] = np.load(__import__("io").BytesIO(members["npy"]), allow_pickle=False)
+    return chips
+
+
+def write_html(out: str, page: Path, query: str, found: list[tuple[str, float]]) -> Path:
+    """A page with the query chip and its neighbours in true colour (B04, B03, B02)."""
+    import base64
+    import html
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from pipeline.inspect import TRUE_COLOUR, composite
+    from training.evaluation.readers import model_bands
+
+    bands = list(model_bands())
+    idx = [bands.index(b) for b in TRUE_COLOUR]
+    chips = _chips(out, [query, *(k for k, _ in found)])
+
+    def tile(key: str, caption: str) -> str:
+        chip = chips.get(key)
+        if chip is None:
+            img = "<div class='missing'>chip not found</div>"
+        else:
+            buf = io.BytesIO()
+            plt.imsave(buf, composite(chip, idx), format="png")
+            img = (f"<img src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}' "
+                   f"width='160' height='160' alt='{html.escape(key)}'>")
+        return f"<figure>{img}<figcaption>{html.escape(caption)}</figcaption></figure>"
+
+    body = [tile(query, f"query: {query}")]
+    body += [tile(k, f"{k}  cosine {s:.4f}") for k, s in found]
+    text = ("<!doctype html><html><head><meta charset='utf-8'><title>nearest samples</title><style>"
+            "body{font-family:sans-serif;margin:1em}figure{display:inline-block;margin:6px;width:170px;"
+            "vertical-align:top}figcaption{font-size:11px;word-break:break-all}</style></head><body>"
+            f"<h1>Nearest samples to {html.escape(query)}</h1>" + "".join(body) + "</body></html>")
+    page.parent.mkdir(parents=True, exist_ok=True)
+    tmp = page.with_name(f".{page.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, page)
+    return page
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _area_dataset(args: argparse.Namespace, chip: int) -> tuple[str, str]:
+    """Build the area's dataset under ``OUT/dataset`` (one chip size); ``(manifest, dataset name)``."""
+    from pipeline.build_shards import main as build_main
+
+    out = str(args.output).rstrip("/")
+    target = f"{out}/dataset"
+    with tempfile.TemporaryDirectory(prefix="embed-build-") as tmp:
+        cfg = Path(tmp) / "build.yaml"
+        cfg.write_text(json.dumps({"tiling": [{"size": chip, "gsd": 10}]}))  # JSON is YAML
+        argv = ["--config", str(cfg), "--output", target]
+        for flag in ("aoi", "bbox", "catalog", "start", "end"):
+            if getattr(args, flag) is not None:
+                argv += [f"--{flag}", str(getattr(args, flag))]
+        code = build_main(argv)
+    if code != 0:
+        raise _Exit(code, f"the dataset build for the area failed (exit {code}); nothing embedded")
+    return f"{target}/manifest.json", f"s{chip}_g10m"
+
+
+class _Exit(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Embed every sample of a dataset (GeoParquet); "
+                                f"'{prog} search OUT ...' finds nearest samples.")
+    p.add_argument("--checkpoint", required=True, help="DeepSpeed run/checkpoint folder, export, or official .pth")
+    p.add_argument("--output", required=True, help="folder or fsspec URL for the GeoParquet parts")
+    src = p.add_argument_group("what to embed: a dataset, or an area built first")
+    src.add_argument("--manifest", help="the dataset's manifest.json (path or URL)")
+    src.add_argument("--dataset", help="data set name in the manifest, e.g. s128_g10m")
+    src.add_argument("--split", default="all", choices=("train", "val", "all"))
+    src.add_argument("--version", default="latest", help="dataset version (default latest)")
+    src.add_argument("--aoi", help="named AOI: build its dataset under OUT/dataset, then embed it")
+    src.add_argument("--bbox", help="W,S,E,N: as --aoi")
+    src.add_argument("--catalog", help="STAC source for --aoi/--bbox (default: the embedded sample)")
+    src.add_argument("--start", help="first date for --aoi/--bbox")
+    src.add_argument("--end", help="last date for --aoi/--bbox")
+    src.add_argument("--chip-size", type=int, help="chip size for --aoi/--bbox (default: the checkpoint's)")
+    m = p.add_argument_group("model and output")
+    m.add_argument("--pool", default="mean", choices=POOLS,
+                   help="mean over all tokens (default), per spectral group (G x D), or none (tokens to zarr)")
+    m.add_argument("--float16", action="store_true", help="store embeddings as float16")
+    m.add_argument("--batch-size", type=int, default=32)
+    m.add_argument("--workers", type=int, default=1, help="DataLoader processes reading shards (default 1)")
+    m.add_argument("--normalisation", default="auto", choices=("auto", "dataset_stats", "per_image_minmax"))
+    m.add_argument("--preset", help="head counts for an official checkpoint (default: inferred)")
+    return p
+
+
+def search_parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{prog} search", description="Nearest samples by cosine similarity: "
+                                "KEY<TAB>SIMILARITY per line, nearest first.")
+    p.add_argument("output", help="an embeddings folder or URL written by training.embed")
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--key", help="a sample key")
+    q.add_argument("--point", help="LON,LAT: the sample whose footprint holds it")
+    p.add_argument("-k", type=int, default=10, help="how many (default 10)")
+    p.add_argument("--index", default="auto", choices=("auto", "exact", "hnsw"),
+                   help=f"exact (numpy) or approximate (faiss HNSW); auto: HNSW above {EXACT_MAX_ROWS:,} rows")
+    p.add_argument("--html", type=Path, help="also write a page with the chips in true colour")
+    return p
+
+
+def _search_main(argv: list[str], prog: str) -> int:
+    try:
+        args = search_parser(prog).parse_args(glue_negative_values(argv, ("--point",)))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        if args.k < 1:
+            raise EvaluationError("-k must be >= 1")
+        point = None
+        if args.point is not None:
+            try:
+                lon, lat = (float(v) for v in args.point.split(","))
+            except ValueError:
+                raise EvaluationError(f"--point {args.point[:60]!r}: give LON,LAT in degrees") from None
+            if not (-180 <= lon <= 180 and -90 <= lat <= 90):
+                raise EvaluationError(f"--point {args.point[:60]!r}: out of range")
+            point = (lon, lat)
+        found = search(args.output, key=args.key, point=point, k=args.k, index=args.index)
+        if args.html is not None:
+            query = args.key or found[0][0]
+            write_html(args.output, args.html, query, found)
+            logger.info("page written: %s", args.html)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for k, s in found:
+        print(f"{k}\t{s:.6f}")
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m training.embed") -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    if argv[:1] == ["search"]:
+        return _search_main(argv[1:], prog)
+    try:
+        args = build_parser(prog).parse_args(glue_negative_values(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"  # DeepSpeed checkpoint folders on a CPU machine
+    try:
+        area = args.aoi is not None or args.bbox is not None
+        if area == (args.manifest is not None):
+            raise EvaluationError("give --manifest and --dataset, or --aoi/--bbox (an area to build first)")
+        if area:
+            chip = args.chip_size or load_checkpoint(args.checkpoint, args.preset).config.img_size
+            manifest, dataset = _area_dataset(args, chip)
+        else:
+            if args.dataset is None:
+                raise EvaluationError("--manifest needs --dataset NAME (e.g. s128_g10m)")
+            manifest, dataset = args.manifest, args.dataset
+        cfg = EmbedConfig(args.checkpoint, manifest, dataset, str(args.output), args.split, args.pool,
+                          args.float16, args.batch_size, args.workers, args.normalisation, args.version,
+                          args.preset)
+        record = embed(cfg)
+    except _Exit as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.code
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted: run the same command again to resume (finished parts are kept)",
+              file=sys.stderr)
+        return 130
+    if "rows" in record and isinstance(record["rows"], dict):
+        print(f"{sum(record['rows'].values())} rows in {record['parts']} part(s): {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
