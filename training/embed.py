@@ -40,6 +40,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import io
 import json
 import logging
 import math
@@ -65,13 +66,14 @@ from spectralgpt import __version__
 from training.data import (
     READABLE_FORMATS,
     _read_manifest,
+    _sample_meta,
     decode_chip,
     is_remote,
     open_shard,
     read_shard_set,
     tar_samples,
 )
-from training.errors import DataError, TrainingError, disk_full_cause, no_space
+from training.errors import DataError, DiskFullError, TrainingError, no_space
 from training.evaluation.checkpoints import (
     Checkpoint,
     Normalisation,
@@ -155,6 +157,9 @@ class Plan:
     """Split -> samples listed in the manifest."""
     dataset_version: int | None
     manifest_hash: str | None
+    mean: tuple[float, ...] = ()
+    """The data set's per-band statistics (DN) at the version read, as the trainer uses them."""
+    std: tuple[float, ...] = ()
 
 
 # --------------------------------------------------------------------------- planning
@@ -175,6 +180,7 @@ def plan(cfg: EmbedConfig, ckpt: Checkpoint) -> Plan:
     dates = shape[0] if entry.get("layout") == "TCHW" and len(shape) == 4 else 1
     listed = sorted((entry.get("splits") or {}))
     splits = listed if cfg.split == "all" else [cfg.split]
+    version: int | str = int(cfg.version) if str(cfg.version).isdigit() else cfg.version
     if not splits:
         raise DataError(f"data set '{cfg.dataset}' in '{cfg.manifest}' has no splits")
     # the manifest's own checks (format, layout, bands, confined shard paths, files present),
@@ -190,14 +196,19 @@ def plan(cfg: EmbedConfig, ckpt: Checkpoint) -> Plan:
     parts: list[Part] = []
     counts: dict[str, int] = {}
     resolved: int | None = None
+    stats: tuple[tuple[float, ...], tuple[float, ...]] = ((), ())
     for split in splits:
         listed_n = (entry.get("splits") or {}).get(split, {}).get("num_samples")
         if cfg.split == "all" and listed_n == 0:
             logger.info("split '%s' of '%s' holds no samples: nothing to embed there", split, cfg.dataset)
             continue
-        shard_set = read_shard_set(cfg.manifest, cfg.dataset, split, probe, version=cfg.version)
+        try:
+            safe_name(split, "split name")  # it becomes a folder of OUT
+        except UnsafeName as exc:
+            raise DataError(str(exc)) from None
+        shard_set = read_shard_set(cfg.manifest, cfg.dataset, split, probe, version=version)
         counts[split] = shard_set.num_samples
-        resolved = shard_set.version
+        resolved, stats = shard_set.version, (shard_set.mean, shard_set.std)
         for url, n in zip(shard_set.shards, shard_set.shard_samples, strict=True):
             rel = url[len(root) + 1:] if url.startswith(root + "/") else Path(url).name
             stem = Path(rel).name.removesuffix(".tar")
@@ -213,8 +224,7 @@ def plan(cfg: EmbedConfig, ckpt: Checkpoint) -> Plan:
     names = [p.name for p in parts]
     if len(set(names)) != len(names):
         raise DataError(f"two shards of '{cfg.dataset}' share a file name: parts would collide")
-    return Plan(tuple(parts), shape, dates, chip, counts, resolved,
-                manifest.get("config_hash"))
+    return Plan(tuple(parts), shape, dates, chip, counts, resolved, manifest.get("config_hash"), *stats)
 
 
 # --------------------------------------------------------------------------- reading
@@ -230,15 +240,6 @@ def _meta(raw: bytes | None, key: str, shard: str) -> dict[str, Any]:
     return meta
 
 
-def _dates(meta: dict[str, Any], t: int) -> list[tuple[float, float]]:
-    """``(year, day of year)`` per date, as the trainer encodes them (training.data._sample_meta)."""
-    out = []
-    for stamp in (meta.get("datetimes") or [])[:t]:
-        when = _parse_time(stamp)
-        out.append((float(when.year), float(when.timetuple().tm_yday)) if when else (0.0, 0.0))
-    return out + [(0.0, 0.0)] * (t - len(out))
-
-
 def _parse_time(stamp: Any) -> dt.datetime | None:
     try:
         when = dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
@@ -251,21 +252,28 @@ class PartBatches(IterableDataset):  # type: ignore[type-arg]
     """Batches of normalised chips, part by part; each DataLoader worker takes every n-th part.
 
     Yields ``{"part": index, "last": bool, "x": [b, (T,) 12, S, S] float32, "dates": [b, T, 2]
-    or None, "meta": list of b sample dicts}``; a part's last batch has ``last`` set (and may
-    be empty). A sample that cannot be decoded, or a part with another count than the
-    manifest lists, is a ``DataError``: embeddings are all or nothing.
+    or None, "gsd": [b] m/px or None, "meta": list of b sample dicts}``; a part's last batch
+    has ``last`` set (and may be empty). A sample that cannot be decoded, or a part with
+    another count than the manifest lists, is a ``DataError``: embeddings are all or nothing.
+    It travels as ``{"error": message}`` (a DataLoader worker's exception would reach the
+    user as a traceback) and the main process raises it.
     """
 
     def __init__(self, parts: Sequence[Part], shape: tuple[int, ...], dates: int, batch_size: int,
-                 norm: Normalisation) -> None:
+                 norm: Normalisation, want_meta: bool) -> None:
         self.parts, self.shape, self.t, self.batch_size, self.norm = list(parts), shape, dates, batch_size, norm
+        self.want_meta = want_meta
+        """Dates and GSD from each sample's JSON, checked as the trainer does (stacks, GSD models)."""
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        for i, part in enumerate(self.parts):
-            if i % workers == worker:
-                yield from self._part(part)
+        try:
+            for i, part in enumerate(self.parts):
+                if i % workers == worker:
+                    yield from self._part(part)
+        except TrainingError as exc:
+            yield {"error": str(exc)}
 
     def _part(self, part: Part) -> Iterator[dict[str, Any]]:
         chips: list[np.ndarray] = []
@@ -281,6 +289,11 @@ class PartBatches(IterableDataset):  # type: ignore[type-arg]
                     except ValueError as exc:
                         raise DataError(f"sample '{key[:80]}' in '{part.rel}': chip {exc}") from None
                     meta = _meta(members.get("json"), key, part.rel)
+                    if self.want_meta:
+                        try:
+                            meta["_model"] = _sample_meta(members.get("json"), self.t)
+                        except ValueError as exc:
+                            raise DataError(f"sample '{key[:80]}' in '{part.rel}' {exc}") from None
                     meta["key"] = key  # the key in the shards, whatever the .json says
                     metas.append(meta)
                     seen += 1
@@ -298,9 +311,10 @@ class PartBatches(IterableDataset):  # type: ignore[type-arg]
             x = normalise(torch.from_numpy(np.stack(chips).astype(np.float32)), self.norm)
         else:
             x = torch.zeros((0, *self.shape), dtype=torch.float32)
-        dates = torch.tensor([_dates(m, self.t) for m in metas], dtype=torch.float32).reshape(-1, self.t, 2) \
-            if self.t > 1 else None
-        return {"part": part.index, "last": last, "x": x, "dates": dates, "meta": metas}
+        model = [m.pop("_model") for m in metas] if self.want_meta else []
+        dates = torch.stack([m["dates"] for m in model]) if model and self.t > 1 else None
+        gsd = torch.tensor([m["gsd"] for m in model], dtype=torch.float32) if model else None
+        return {"part": part.index, "last": last, "x": x, "dates": dates, "gsd": gsd, "meta": metas}
 
 
 # --------------------------------------------------------------------------- rows
@@ -459,13 +473,18 @@ class _Group:
                                     timeout=dt.timedelta(hours=float(os.environ.get("SPECTRALGPT_EMBED_TIMEOUT_H", "12"))))
 
     def share(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` (all-gather), in rank order."""
+        """Every rank's ``obj`` (all-gather), in rank order. A rank that died instead of
+        reaching this point is one line here, not the collective's traceback."""
         if self.world == 1:
             return [obj]
         import torch.distributed as dist
 
         out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
+        try:
+            dist.all_gather_object(out, obj)
+        except RuntimeError as exc:  # gloo: "Connection closed by peer"; NCCL: a timeout
+            raise EvaluationError(f"another rank stopped without reporting (see its output): "
+                                  f"{str(exc).splitlines()[0][:200]}") from None
         return out
 
     def close(self) -> None:
@@ -476,67 +495,125 @@ class _Group:
                 dist.destroy_process_group()
 
 
+class _RankError(TrainingError):
+    """An error of one rank, raised on every rank with that rank's exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _shared_errors(group: _Group, rank: int, error: TrainingError | None, value: Any = None) -> list[Any]:
+    """All-gather ``(error, value)``; the first rank's error is raised on every rank."""
+    report = None if error is None else (str(error), error.exit_code)
+    got = group.share((report, value))
+    for r, (rep, _) in enumerate(got):
+        if rep is not None:
+            raise _RankError(rep[0] if group.world == 1 or r == rank else f"rank {r}: {rep[0]}", rep[1])
+    return [v for _, v in got]
+
+
 def run_identity(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisation, sha: str) -> dict[str, Any]:
-    """What ``_run.json`` records: a rerun with other values is another result."""
+    """What ``_run.json`` records: a rerun with other values is another result (the splits
+    are not part of it: ``--split train`` then ``--split all`` adds the val parts)."""
     return {"format": EMBED_FORMAT, "checkpoint_sha256": sha, "dataset": cfg.dataset,
-            "splits": sorted(pl.splits), "dataset_version": pl.dataset_version,
-            "manifest_config_hash": pl.manifest_hash, "pool": cfg.pool,
-            "dtype": "float16" if cfg.float16 else "float32", "normalisation": norm.describe(),
+            "dataset_version": pl.dataset_version, "manifest_config_hash": pl.manifest_hash,
+            "pool": cfg.pool, "dtype": "float16" if cfg.float16 else "float32",
+            "normalisation": {k: v for k, v in norm.describe().items() if k != "source"},  # values, not wording
             "chip_size": pl.chip_size, "dates": pl.dates}
+
+
+def choose_normalisation(ckpt: Checkpoint, mode: str, pl: Plan, dataset: str) -> Normalisation:
+    """The pretraining's normalisation (``resolve_normalisation``); when it used dataset
+    statistics that the checkpoint does not carry and its run's manifest cannot be found, the
+    statistics of the data set being embedded, at the version read (as the trainer would)."""
+    trained = ckpt.info.get("normalisation") or (ckpt.run_config or {}).get("normalisation")
+    if mode == "per_image_minmax" or (mode == "auto" and trained in (None, "per_image_minmax")):
+        return resolve_normalisation(ckpt, mode)  # type: ignore[arg-type]
+    if isinstance(ckpt.info.get("stats"), dict):
+        return resolve_normalisation(ckpt, "dataset_stats")
+    run = ckpt.run_config or {}
+    stage = ckpt.info.get("stage")
+    if run.get("manifest") and Path(str(run["manifest"])).is_file() and any(
+            s.get("name") == stage and s.get("dataset") for s in run.get("stages", [])):
+        return resolve_normalisation(ckpt, "dataset_stats")  # the pretraining data's own statistics
+    version = f" v{pl.dataset_version}" if pl.dataset_version is not None else ""
+    return Normalisation("dataset_stats", pl.mean, pl.std,
+                         f"data set {dataset}{version} statistics (the checkpoint names none of its own)")
+
+
+def _relative_manifest(loc: Location, manifest: str) -> str:
+    """The manifest as ``_run.json`` records it: a URL as given, a local path relative to OUT
+    (results name no folder of this machine, and a moved pair of folders still works)."""
+    if is_remote(manifest) or loc.remote:
+        return manifest
+    return os.path.relpath(Path(manifest).resolve(), loc.local_root.resolve())
 
 
 def _claim_output(loc: Location, identity: dict[str, Any], manifest: str) -> None:
     """Make ``OUT`` ours, or check that it already is, for these inputs (an area's dataset,
-    built by this command under ``OUT/dataset/``, is ours too)."""
-    found = loc.read_json("_run.json")
-    if found is None:
-        area = manifest == f"{loc.target.rstrip('/')}/dataset/manifest.json"
-        others = [n for n in loc.list("") if not n.startswith(".partial/")
-                  and not (area and n.startswith("dataset/"))]
-        if others:
-            raise EvaluationError(f"--output '{loc.target}' is not empty and holds no embeddings of "
-                                  f"training.embed (e.g. {others[0][:80]}): choose an empty or new folder")
-        loc.write_json("_run.json", {**identity, "manifest": manifest, "software_version": __version__})
-        return
-    mine = {k: found.get(k) for k in identity}
-    if mine != identity:
-        diff = [k for k in identity if found.get(k) != identity[k]]
-        raise EvaluationError(f"--output '{loc.target}' holds embeddings made with another "
+    built by this command under ``OUT/_dataset/``, is ours too); an empty ``identity``: check only."""
+    try:
+        found = loc.read_json("_run.json")
+        if found is None:
+            others = [n for n in loc.list("") if not n.startswith((".partial/", "_dataset/"))]
+            if others:
+                raise EvaluationError(f"--output '{loc.target}' is not empty and holds no embeddings of "
+                                      f"training.embed (e.g. {others[0][:80]}): choose an empty or new folder")
+            if identity:
+                loc.write_json("_run.json", {**identity, "manifest": _relative_manifest(loc, manifest),
+                                             "software_version": __version__})
+            return
+    except TrainingError:
+        raise
+    except OSError as exc:
+        if no_space(exc):
+            raise DiskFullError.at("embeddings", loc.target, exc) from None
+        raise EvaluationError(f"cannot write to --output '{loc.target}': {exc.strerror or exc}") from None
+    except Exception as exc:  # an fsspec backend's own errors (an unreachable endpoint, refused credentials)
+        raise EvaluationError(f"cannot reach --output '{loc.target}': {type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+    diff = [k for k in identity if found.get(k) != identity[k]]
+    if diff:
+        raise EvaluationError(f"--output '{loc.target}' holds embeddings that differ from this run in "
                               f"{', '.join(diff)}: choose another --output")
 
 
 def embed(cfg: EmbedConfig) -> dict[str, Any]:
     """Run the embedding (module doc); returns the completion record (rank 0) or this rank's
-    counts. Raises ``TrainingError`` subclasses for what the user can fix."""
+    counts. Raises ``TrainingError`` subclasses for what the user can fix; every rank raises
+    the first rank's error."""
     from training.export import checkpoint_sha256
 
     rank, world = _rank()
     device = _device()
     group = _Group(world, device)
     try:
-        ckpt = load_checkpoint(cfg.checkpoint, cfg.preset)
-        pl = plan(cfg, ckpt)
-        norm = resolve_normalisation(ckpt, cfg.normalisation,  # type: ignore[arg-type]
-                                     None if is_remote(cfg.manifest) else cfg.manifest)
-        identity = run_identity(cfg, ckpt, pl, norm, checkpoint_sha256(ckpt))
-        loc = Location(cfg.output)
-        error = None
-        if rank == 0:
-            try:
+        error: TrainingError | None = None
+        try:
+            ckpt = load_checkpoint(cfg.checkpoint, cfg.preset)
+            pl = plan(cfg, ckpt)
+            norm = choose_normalisation(ckpt, cfg.normalisation, pl, cfg.dataset)
+            identity = run_identity(cfg, ckpt, pl, norm, checkpoint_sha256(ckpt))
+            loc = Location(cfg.output)
+            if rank == 0:
                 _claim_output(loc, identity, cfg.manifest)
-            except TrainingError as exc:
-                error = str(exc)
-        if (error := group.share(error)[0]) is not None:
-            raise EvaluationError(error)
+        except TrainingError as exc:
+            error = exc
+        _shared_errors(group, rank, error)
         done = set(loc.list(f"{cfg.dataset}/"))
         mine = [p for p in pl.parts if p.index % world == rank and p.name not in done]
         skipped = sum(p.index % world == rank and p.name in done for p in pl.parts)
-        logger.info("rank %d/%d: %d part(s) to embed, %d finished by an earlier run; %s, pool %s, %s",
-                    rank, world, len(mine), skipped, norm.mode, cfg.pool, device)
+        logger.info("rank %d/%d: %d part(s) to embed, %d finished by an earlier run; %s (%s), pool %s, %s",
+                    rank, world, len(mine), skipped, norm.mode, norm.source, cfg.pool, device)
         t0 = time.monotonic()
-        rows = _embed_parts(cfg, ckpt, pl, norm, identity, mine, loc, device) if mine else 0
+        rows = 0
+        try:
+            rows = _embed_parts(cfg, ckpt, pl, norm, identity, mine, loc, device) if mine else 0
+        except TrainingError as exc:
+            error = exc
         seconds = time.monotonic() - t0
-        counts = group.share(rows)
+        counts = _shared_errors(group, rank, error, rows)
         if rank != 0:
             return {"rank": rank, "rows": rows, "seconds": seconds}
         return {**_finish(loc, pl, identity, sum(counts)), "seconds": seconds}
@@ -547,28 +624,38 @@ def embed(cfg: EmbedConfig) -> dict[str, Any]:
 def _embed_parts(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisation,
                  identity: dict[str, Any], parts: list[Part], loc: Location, device: torch.device) -> int:
     model = Embedder(Encoder(build_mae(ckpt, pl.chip_size)), cfg.pool).to(device).eval()
-    stream = PartBatches(parts, pl.shape, pl.dates, cfg.batch_size, norm)
+    stream = PartBatches(parts, pl.shape, pl.dates, cfg.batch_size, norm,
+                         want_meta=pl.dates > 1 or ckpt.config.gsd_encoding)
     loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers,
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
     by_index = {p.index: p for p in parts}
     pending: dict[int, tuple[list[dict[str, Any]], list[np.ndarray]]] = {}
     tokens: dict[int, Any] = {}
     meta_info = {**identity, "model": dataclasses.asdict(dataclasses.replace(ckpt.config, img_size=pl.chip_size)),
+                 "normalisation": norm.describe(),  # with the reason it was chosen
                  "checkpoint": {"kind": ckpt.kind, "name": Path(str(ckpt.path)).name},
                  "software_version": __version__}
     rows, t0, last_log = 0, time.monotonic(), time.monotonic()
-    scratch = Path(tempfile.mkdtemp(prefix="embed-"))
+    # the scratch folder lies inside OUT when OUT is local: token stores and parts move into
+    # place with a rename on the same filesystem, and a full disk is OUT's
+    base = loc.local_root / ".partial" if not loc.remote else None
+    if base is not None:
+        base.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f"embed-{os.getpid()}-", dir=base))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     try:
         with torch.inference_mode():
             for batch in loader:
+                if "error" in batch:
+                    raise DataError(batch["error"])
                 part = by_index[batch["part"]]
                 metas, embs = pending.setdefault(part.index, ([], []))
                 if batch["x"].shape[0]:
                     x = batch["x"].to(device, non_blocking=True)
                     dates = batch["dates"].to(device) if batch["dates"] is not None else None
+                    gsd = batch["gsd"].to(device) if batch["gsd"] is not None else None
                     with autocast:
-                        out = model(x, dates).float().cpu().numpy()
+                        out = model(x, dates, gsd).float().cpu().numpy()
                     if cfg.pool == "none":
                         _tokens_write(tokens, scratch, part, len(metas), out, cfg.float16)
                     else:
@@ -586,19 +673,20 @@ def _embed_parts(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisati
                         rate = rows / max(last_log - t0, 1e-9)
                         logger.info("embedded %d rows (%.1f rows/s)", rows, rate)
     except OSError as exc:
-        if no_space(exc) or disk_full_cause(exc):
-            from training.errors import DiskFullError
-
+        if no_space(exc):
             raise DiskFullError.at("embeddings", cfg.output, exc) from None
-        raise
+        raise EvaluationError(f"cannot write the embeddings to '{cfg.output}': {exc}") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if base is not None:
+            with contextlib.suppress(OSError):
+                base.rmdir()  # only when no other run stages there
     return rows
 
 
 def _tokens_write(tokens: dict[int, Any], scratch: Path, part: Part, start: int, out: np.ndarray,
                   float16: bool) -> None:
-    """Rows ``start..`` of the part's token array, in a zarr store in the local scratch folder."""
+    """Rows ``start..`` of the part's token array, in a zarr store in the scratch folder."""
     import zarr
 
     if part.index not in tokens:
@@ -630,11 +718,6 @@ def _publish_part(loc: Location, scratch: Path, part: Part, metas: list[dict[str
                                            b"spectralgpt": json.dumps(info).encode()})
     tmp = scratch / f"{part.index}.parquet"
     pq.write_table(table, tmp, compression="zstd", row_group_size=max(len(metas), 1))
-    if not loc.remote:  # same filesystem as the target: the rename in publish is atomic
-        staged = loc.local_root / ".partial" / f"{part.index}-{os.getpid()}.parquet"
-        staged.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), staged)
-        tmp = staged
     loc.publish(tmp, part.name)
 
 
@@ -642,7 +725,7 @@ def _finish(loc: Location, pl: Plan, identity: dict[str, Any], rows_now: int) ->
     """Count every part's rows and keys against the manifest; write ``_embeddings.json`` last."""
     import pyarrow.dataset as ds
 
-    found = set(loc.list(f"{pl.parts[0].name.split('/')[0]}/")) if pl.parts else set()
+    found = set(loc.list(f"{pl.parts[0].name.split('/')[0]}/"))
     missing = [p.name for p in pl.parts if p.name not in found]
     if missing:
         raise IncompleteError(f"{len(missing)} part(s) are missing after the run, e.g. {missing[0]}")
@@ -662,11 +745,9 @@ def _finish(loc: Location, pl: Plan, identity: dict[str, Any], rows_now: int) ->
     if per_split != pl.splits or dupes:
         raise IncompleteError(f"the parts hold {per_split} rows ({dupes} key(s) twice) but the manifest "
                               f"lists {pl.splits}: the result is incomplete")
-    record = {**identity, "rows": per_split, "parts": len(pl.parts), "rows_this_run": rows_now,
-              "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    record = {**identity, "splits": sorted(pl.splits), "rows": per_split, "parts": len(pl.parts),
+              "rows_this_run": rows_now, "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     loc.write_json("_embeddings.json", record)
-    if not loc.remote:
-        shutil.rmtree(loc.local_root / ".partial", ignore_errors=True)
     logger.info("embeddings complete: %s rows in %d part(s) at %s", per_split, len(pl.parts), loc.target)
     return record
 
@@ -698,7 +779,9 @@ def _dataset(out: str) -> tuple[Any, Location]:
         import fsspec
 
         fs, target = fsspec.core.url_to_fs(out)
-    parts = [f"{target.rstrip('/')}/{n}" for n in loc.list("") if n.endswith(".parquet") and not n.startswith(".")]
+    # the parts: what GeoParquet readers take too (names starting with '_' or '.' are not data)
+    parts = [f"{target.rstrip('/')}/{n}" for n in loc.list("")
+             if n.endswith(".parquet") and not any(c.startswith(("_", ".")) for c in n.split("/"))]
     return ds.dataset(parts, format="parquet", filesystem=fs), loc
 
 
@@ -736,16 +819,48 @@ def exact_top_k(unit: np.ndarray, query: np.ndarray, k: int, chunk: int = 65536)
     return best_i[order], best_s[order]
 
 
-def hnsw_top_k(unit: np.ndarray, query: np.ndarray, k: int, *, m: int = 32, ef: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """Approximate top-``k`` by inner product with a faiss HNSW index over ``unit``."""
+def hnsw_index(unit: np.ndarray, *, m: int = 32) -> Any:
+    """A faiss HNSW index (inner product) over the unit vectors ``unit`` ``[N, E]``."""
     import faiss
 
     index = faiss.IndexHNSWFlat(unit.shape[1], m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efSearch = max(ef, k)
     index.add(np.ascontiguousarray(unit, dtype=np.float32))
+    return index
+
+
+def hnsw_top_k(unit: np.ndarray, query: np.ndarray, k: int, *, index: Any = None,
+               ef: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """Approximate top-``k`` by inner product (an index over ``unit`` is built if not given)."""
+    index = index if index is not None else hnsw_index(unit)
+    index.hnsw.efSearch = max(ef, k)
     sims, idx = index.search(np.ascontiguousarray(query[None], dtype=np.float32), k)
     ok = idx[0] >= 0
     return idx[0][ok].astype(np.int64), sims[0][ok]
+
+
+def stored_index(out: str, vec: Vectors) -> Any:
+    """The HNSW index of ``out``'s vectors, built once and kept as ``OUT/_index/hnsw.faiss``
+    (with ``hnsw.json`` naming the finished run and row count it was built from)."""
+    import faiss
+
+    loc = Location(out)
+    stamp = {"finished": vec.run.get("finished"), "rows": len(vec.keys)}
+    with tempfile.TemporaryDirectory(prefix="embed-index-") as tmp:
+        local = Path(tmp) / "hnsw.faiss"
+        if loc.read_json("_index/hnsw.json") == stamp:
+            local.write_bytes(loc.read_bytes("_index/hnsw.faiss"))
+            return faiss.read_index(str(local))
+        t0 = time.monotonic()
+        index = hnsw_index(vec.unit)
+        logger.info("HNSW index over %d vectors built in %.1f s; kept in %s/_index/", len(vec.keys),
+                    time.monotonic() - t0, out)
+        faiss.write_index(index, str(local))
+        try:
+            loc.publish(local, "_index/hnsw.faiss")
+            loc.write_json("_index/hnsw.json", stamp)  # last: the index is complete when this names it
+        except OSError as exc:  # a read-only OUT: searched, not kept
+            logger.warning("the index could not be kept in %s/_index/ (%s): it is built again next time", out, exc)
+        return index
 
 
 #: Above this many rows ``--index auto`` uses the HNSW index (exact search reads every vector).
@@ -786,7 +901,7 @@ def search(out: str, *, key: str | None = None, point: tuple[float, float] | Non
     q = vec.unit[hits[0]]
     k = min(k, len(vec.keys))
     use_hnsw = index == "hnsw" or (index == "auto" and len(vec.keys) > EXACT_MAX_ROWS)
-    idx, sims = hnsw_top_k(vec.unit, q, k) if use_hnsw else exact_top_k(vec.unit, q, k)
+    idx, sims = hnsw_top_k(vec.unit, q, k, index=stored_index(out, vec)) if use_hnsw else exact_top_k(vec.unit, q, k)
     found = [(str(vec.keys[i]), float(s)) for i, s in zip(idx, sims, strict=True)]
     # the query itself first when its similarity ties with another row's (duplicates)
     found.sort(key=lambda r: (-round(r[1], 6), r[0] != key))
@@ -803,6 +918,8 @@ def _chips(out: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
     manifest = str(run.get("manifest") or "")
     if not manifest:
         raise EvaluationError(f"'{out}/_run.json' names no manifest: cannot show the chips")
+    if not is_remote(manifest) and not loc.remote and not Path(manifest).is_absolute():
+        manifest = str(loc.local_root / manifest)  # recorded relative to OUT
     root = manifest.rsplit("/", 1)[0] if is_remote(manifest) else str(Path(manifest).resolve().parent)
     want = set(keys)
     shards = sorted({str(s) for kk, s in zip(vec.keys, vec.shards, strict=True) if kk in want})
@@ -813,10 +930,13 @@ def _chips(out: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
                 str(confined(Path(root), rel, "shard path"))
         except UnsafeName as exc:
             raise EvaluationError(str(exc)) from None
-        with open_shard(url) as fh:
-            for kk, members in tar_samples(fh):
-                if kk in want and "npy" in members:
-                    chips[kk] = np.load(__import__("io").BytesIO(members["npy"]), allow_pickle=False)
+        try:
+            with open_shard(url) as fh:
+                for kk, members in tar_samples(fh):
+                    if kk in want and "npy" in members:
+                        chips[kk] = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+        except (OSError, ValueError) as exc:  # moved or removed since: the page says which chips are missing
+            logger.warning("cannot read the chips of shard %s: %s", rel, exc)
     return chips
 
 
@@ -824,7 +944,6 @@ def write_html(out: str, page: Path, query: str, found: list[tuple[str, float]])
     """A page with the query chip and its neighbours in true colour (B04, B03, B02)."""
     import base64
     import html
-    import io
 
     import matplotlib
 
@@ -865,12 +984,20 @@ def write_html(out: str, page: Path, query: str, found: list[tuple[str, float]])
 # --------------------------------------------------------------------------- CLI
 
 
-def _area_dataset(args: argparse.Namespace, chip: int) -> tuple[str, str]:
-    """Build the area's dataset under ``OUT/dataset`` (one chip size); ``(manifest, dataset name)``."""
+def _area_dataset(args: argparse.Namespace, ckpt: Checkpoint, chip: int) -> tuple[str, str]:
+    """Build the area's dataset under ``OUT/_dataset`` (one chip size; a ``_`` name, so
+    GeoParquet readers of OUT skip it); ``(manifest, dataset name)``. OUT is checked first:
+    nothing is built into a folder that is not ours."""
     from pipeline.build_shards import main as build_main
 
     out = str(args.output).rstrip("/")
-    target = f"{out}/dataset"
+    from training.export import checkpoint_sha256
+
+    _claim_output(Location(out), {}, "")  # refuses a foreign folder; writes nothing
+    found = Location(out).read_json("_run.json")
+    if found is not None and found.get("checkpoint_sha256") != checkpoint_sha256(ckpt):
+        raise EvaluationError(f"--output '{out}' holds embeddings of another checkpoint: choose another --output")
+    target = f"{out}/_dataset"
     with tempfile.TemporaryDirectory(prefix="embed-build-") as tmp:
         cfg = Path(tmp) / "build.yaml"
         cfg.write_text(json.dumps({"tiling": [{"size": chip, "gsd": 10}]}))  # JSON is YAML
@@ -900,7 +1027,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     src.add_argument("--dataset", help="data set name in the manifest, e.g. s128_g10m")
     src.add_argument("--split", default="all", choices=("train", "val", "all"))
     src.add_argument("--version", default="latest", help="dataset version (default latest)")
-    src.add_argument("--aoi", help="named AOI: build its dataset under OUT/dataset, then embed it")
+    src.add_argument("--aoi", help="named AOI: build its dataset under OUT/_dataset, then embed it")
     src.add_argument("--bbox", help="W,S,E,N: as --aoi")
     src.add_argument("--catalog", help="STAC source for --aoi/--bbox (default: the embedded sample)")
     src.add_argument("--start", help="first date for --aoi/--bbox")
@@ -914,6 +1041,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     m.add_argument("--workers", type=int, default=1, help="DataLoader processes reading shards (default 1)")
     m.add_argument("--normalisation", default="auto", choices=("auto", "dataset_stats", "per_image_minmax"))
     m.add_argument("--preset", help="head counts for an official checkpoint (default: inferred)")
+    # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    m.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
 
@@ -978,8 +1107,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.embed") 
         if area == (args.manifest is not None):
             raise EvaluationError("give --manifest and --dataset, or --aoi/--bbox (an area to build first)")
         if area:
-            chip = args.chip_size or load_checkpoint(args.checkpoint, args.preset).config.img_size
-            manifest, dataset = _area_dataset(args, chip)
+            ckpt = load_checkpoint(args.checkpoint, args.preset)
+            manifest, dataset = _area_dataset(args, ckpt, args.chip_size or ckpt.config.img_size)
         else:
             if args.dataset is None:
                 raise EvaluationError("--manifest needs --dataset NAME (e.g. s128_g10m)")

@@ -349,12 +349,14 @@ def export_encoder(source: str | Path, out: str | Path | None = None, fmt: str =
     module = build_pooled_encoder(ckpt, size)
     norm = resolve_normalisation(ckpt, "auto")
     out = Path(out) if out is not None else _default_encoder_out(ckpt, fmt)
+    if out.is_dir():
+        raise ConfigError(f"--output '{out}' is a folder: give the file to write, e.g. {out / ('encoder' + PORTABLE_SUFFIX[fmt])}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as exc:
         if no_space(exc) is None:
-            raise
+            raise ConfigError(f"cannot write --output '{out}': {exc.strerror or exc}") from None
         raise DiskFullError.at("the export folder", out.parent, exc) from None
     # Written into a private folder under the final names (ONNX records the name of its
     # external data file inside the model), then renamed into place.

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +219,7 @@ def test_bad_input_one_line_exit_2(fx: dict[str, Path], one: Path, tmp_path: Pat
     (foreign / "a.jpg").write_bytes(b"\xff\xd8")
     cases = {
         "not empty and holds no embeddings": _embed(fx, foreign),
-        "another checkpoint_sha256": _embed(fx, one, ckpt="official"),
+        "differ from this run in checkpoint_sha256:": _embed(fx, one, ckpt="official"),
         "data set 'nope' not in manifest": emb.main(["--checkpoint", str(fx["safetensors"]), "--manifest",
                                                       str(fx["manifest"]), "--dataset", "nope", "--output",
                                                       str(tmp_path / "x")]),
@@ -237,7 +238,8 @@ def test_bad_input_one_line_exit_2(fx: dict[str, Path], one: Path, tmp_path: Pat
 
 
 def test_a_failed_run_keeps_finished_parts_and_resumes(fx: dict[str, Path], one: Path, tmp_path: Path,
-                                                      caplog: pytest.LogCaptureFixture) -> None:
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     """A shard that cannot be read (cut in half, for real) stops the run with exit 2 after the
     parts before it were published; no partial part is visible; once the shard is back, the
     same command embeds only what is missing and the result equals an uninterrupted run."""
@@ -249,8 +251,10 @@ def test_a_failed_run_keeps_finished_parts_and_resumes(fx: dict[str, Path], one:
     val.write_bytes(good[: len(good) // 2])
     out = tmp_path / "out"
     argv = ["--checkpoint", str(fx["safetensors"]), "--manifest", str(ds / "manifest.json"), "--dataset",
-            DATASET, "--output", str(out), "--workers", "0"]
+            DATASET, "--output", str(out)]  # the default: one DataLoader worker process reads
     assert emb.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot read shard" in err[0] and "Traceback" not in err[0], err
     published = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.parquet"))
     assert published == [f"{DATASET}/train/{Path(s['path']).stem}.parquet"
                          for s in man["datasets"][DATASET]["splits"]["train"]["shards"]]
@@ -305,7 +309,7 @@ def test_an_area_is_built_then_embedded(fx: dict[str, Path], tmp_path: Path) -> 
     out = tmp_path / "area"
     assert emb.main(["--checkpoint", str(fx["safetensors"]), "--aoi", "europe", "--chip-size", "128",
                      "--output", str(out)]) == 0
-    man = json.loads((out / "dataset" / "manifest.json").read_text())
+    man = json.loads((out / "_dataset" / "manifest.json").read_text())
     assert list(man["datasets"]) == [DATASET]
     rows = json.loads((out / "_embeddings.json").read_text())["rows"]
     assert rows == {s: v["num_samples"] for s, v in man["datasets"][DATASET]["splits"].items()}
@@ -374,3 +378,156 @@ def test_time_stacks_are_embedded_with_their_dates(fx: dict[str, Path], tmp_path
         want = encoder(x[None], dates).mean(dim=(1, 2, 3))[0].numpy()
     got = _vectors(table.slice(0, 1))[0]
     assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+
+
+def _variant(fx: dict[str, Path], tmp_path: Path, **model: object) -> Path:
+    """The fixture's tiny export with other config values (same weights)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(fx["safetensors"]), "pt") as f:
+        info = json.loads(f.metadata()["spectralgpt"])
+    for k, v in model.items():
+        if k == "normalisation":
+            info["normalisation"] = v
+        else:
+            info["model"][k] = v
+    path = tmp_path / "variant.safetensors"
+    save_file(load_file(str(fx["safetensors"])), str(path), metadata={"spectralgpt": json.dumps(info)})
+    return path
+
+
+def test_a_gsd_model_gets_each_samples_gsd_as_in_pretraining(fx: dict[str, Path], tmp_path: Path) -> None:
+    """With the GSD encoding on, the vector is the pretraining encoder's (no tokens masked) on
+    the sample's own gsd from its JSON, not the reference GSD's."""
+    from training.models.spectral_mae import SpectralMAE  # noqa: F401  (the model built below)
+
+    ckpt_path = _variant(fx, tmp_path, gsd_encoding=True)
+    out = tmp_path / "gsd"
+    assert emb.main(["--checkpoint", str(ckpt_path), "--manifest", str(fx["manifest"]), "--dataset", DATASET,
+                     "--output", str(out), "--split", "val"]) == 0
+    table = _table(out)
+    samples = _shard_samples(fx["manifest"])
+    ckpt = checkpoints.load_checkpoint(ckpt_path)
+    mae = checkpoints.build_mae(ckpt, 128).eval()
+    chips = torch.from_numpy(np.stack([samples[k][0] for k in table.column("key").to_pylist()]).astype(np.float32))
+    x = checkpoints.normalise(chips, checkpoints.resolve_normalisation(ckpt))
+    gsd = torch.tensor([samples[k][1]["gsd"] for k in table.column("key").to_pylist()])
+    assert float(gsd[0]) != ckpt.config.reference_gsd  # the resized 120 -> 128 px chips: 9.375 m
+    with torch.no_grad():
+        latent, _, _ = mae.forward_encoder(x[:, None], 0.0, gsd=gsd)  # every token kept (shuffled)
+        at_reference = Encoder(mae)(x).mean(dim=(1, 2))
+    want = latent.mean(dim=1).numpy()
+    got = _vectors(table)
+    assert np.abs(got - want).max() <= 1e-5 * max(1.0, float(np.abs(want).max()))
+    assert np.abs(got - at_reference.numpy()).max() > 1e-3  # the gsd mattered
+
+
+def test_dataset_statistics_are_the_embedded_data_sets(fx: dict[str, Path], tmp_path: Path) -> None:
+    """A checkpoint trained with dataset statistics that it does not carry: the statistics of
+    the data set embedded, at the version read (--version 1 given as text, as on the command line)."""
+    ckpt_path = _variant(fx, tmp_path, normalisation="dataset_stats")
+    out = tmp_path / "stats"
+    assert emb.main(["--checkpoint", str(ckpt_path), "--manifest", str(fx["manifest"]), "--dataset", DATASET,
+                     "--output", str(out), "--version", "1"]) == 0
+    man = json.loads(fx["manifest"].read_text())
+    run = json.loads((out / "_run.json").read_text())
+    want = man["datasets"][DATASET]["stats"]
+    assert run["normalisation"]["mode"] == "dataset_stats"
+    assert np.allclose(run["normalisation"]["mean"], want["mean"])
+    assert np.allclose(run["normalisation"]["std"], [max(v, 1.0) for v in want["std"]])
+    assert not np.allclose(run["normalisation"]["mean"], man["datasets"]["s96_g10m"]["stats"]["mean"])
+    assert run["dataset_version"] == 1 and not Path(run["manifest"]).is_absolute()
+
+
+def test_a_split_name_that_is_a_path_is_refused(fx: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    ds = tmp_path / "ds"
+    shutil.copytree(fx["manifest"].parent, ds)
+    man = json.loads((ds / "manifest.json").read_text())
+    splits = man["datasets"][DATASET]["splits"]
+    splits["../../escaped"] = splits.pop("val")
+    (ds / "manifest.json").write_text(json.dumps(man))
+    out = tmp_path / "a" / "b"
+    assert emb.main(["--checkpoint", str(fx["safetensors"]), "--manifest", str(ds / "manifest.json"),
+                     "--dataset", DATASET, "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "split name" in err[0] and "not a plain name" in err[0]
+    assert not (tmp_path / "escaped").exists() and not list(tmp_path.rglob("*.parquet"))
+
+
+def test_outputs_that_cannot_be_written_are_one_line(fx: dict[str, Path], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert _embed(fx, afile / "out") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write to --output" in err[0], err
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep")
+    assert emb.main(["--checkpoint", str(fx["safetensors"]), "--aoi", "europe", "--chip-size", "128",
+                     "--output", str(foreign)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds no embeddings" in err[-1]
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]  # nothing built there
+
+
+def test_tokens_with_scratch_space_on_another_filesystem(fx: dict[str, Path], tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--pool none stages its zarr stores inside OUT, so a TMPDIR on another filesystem
+    (here /dev/shm, a tmpfs) does not turn the final move into a cross-device rename."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("no second filesystem at /dev/shm")
+    scratch = Path(tempfile.mkdtemp(dir=shm))
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    try:
+        assert _embed(fx, tmp_path / "tok", "--pool", "none", "--split", "val") == 0
+        assert len(list((tmp_path / "tok" / "_tokens").rglob("*.zarr"))) == 1
+        assert not (tmp_path / "tok" / ".partial").exists()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_finished_train_run_is_extended_to_every_split(fx: dict[str, Path], one: Path, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    out = tmp_path / "ext"
+    assert _embed(fx, out, "--split", "train") == 0
+    caplog.set_level(logging.INFO, logger="training.embed")
+    assert _embed(fx, out) == 0
+    assert any("1 part(s) to embed, 1 finished by an earlier run" in r.getMessage() for r in caplog.records)
+    assert _table(out).column("key") == _table(one).column("key")
+
+
+def test_the_hnsw_index_is_built_once_and_kept(one: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="training.embed")
+    one = Path(shutil.copytree(one, tmp_path / "one", ignore=shutil.ignore_patterns("_index")))
+    key = _table(one).column("key")[0].as_py()
+    first = emb.search(str(one), key=key, k=3, index="hnsw")
+    again = emb.search(str(one), key=key, k=3, index="hnsw")
+    assert first == again and first[0][0] == key
+    assert sum("HNSW index over 9 vectors built" in r.getMessage() for r in caplog.records) == 1
+    assert json.loads((one / "_index" / "hnsw.json").read_text())["rows"] == 9
+
+
+@pytest.mark.slow
+def test_one_rank_failing_stops_both_with_its_error(fx: dict[str, Path], tmp_path: Path) -> None:
+    """Rank 1's shard cannot be read: both ranks exit non-zero with that one line (rank 0
+    names rank 1), never a collective's traceback or a hang."""
+    ds = tmp_path / "ds"
+    shutil.copytree(fx["manifest"].parent, ds)
+    man = json.loads((ds / "manifest.json").read_text())
+    val = ds / man["datasets"][DATASET]["splits"]["val"]["shards"][0]["path"]  # part 1: rank 1's
+    val.write_bytes(val.read_bytes()[:5000])
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "training.embed", "--checkpoint", str(fx["safetensors"]), "--manifest",
+                        str(ds / "manifest.json"), "--dataset", DATASET, "--output", str(tmp_path / "out")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0
+    ours = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+    assert len(ours) == 2, p.stderr[-3000:]
+    assert any(ln.startswith("error: rank 1: cannot read shard") for ln in ours)
+    assert any(ln.startswith("error: cannot read shard") for ln in ours)
+    assert "Connection closed by peer" not in p.stderr and "Caught DataError" not in p.stderr

@@ -259,3 +259,21 @@ def test_large_onnx_weights_go_to_a_data_file_beside_it(ckpts: dict[str, Path], 
     with torch.no_grad():
         ref = _eager(ckpts["safetensors"])(x)
     assert float((torch.from_numpy(got) - ref).abs().max()) <= 1e-4
+
+
+def test_an_output_that_is_a_folder_or_under_a_file_is_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers.eval_fixtures import write_checkpoints
+    from tests.helpers.paths import REPO
+
+    ckpt = write_checkpoints(tmp_path / "ckpt", img_size=32)["safetensors"]
+    (tmp_path / "afile").write_text("x")
+    for out, needle in ((tmp_path, "is a folder"), (tmp_path / "afile" / "enc.pt2", "cannot write --output")):
+        p = subprocess.run([sys.executable, "-m", "training.export", str(ckpt), "--format", "exported-program",
+                            "--output", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]
+        assert p.returncode == 2 and len(lines) == 1 and needle in lines[0], p.stderr[-2000:]
+        assert "Traceback" not in p.stderr
+    assert not list(tmp_path.glob("*.item.json"))

@@ -17,6 +17,7 @@ from training.models.spectral_mae import (
     date_encoding,
     gsd_grid_encoding,
     load_official_state_dict,
+    pos_table,
     sincos,
     tiny_config,
 )
@@ -70,7 +71,7 @@ def test_the_model_adds_each_dates_encoding_scaled_to_its_tokens() -> None:
     d, per = m.cfg.embed_dim, m.cfg.tokens_per_date
     pos = m._positions(m.pos_embed_spatial, m.pos_embed_temporal, None, 3, DATES, None)
     assert pos.shape == (1, 3 * per, d)
-    official = m._pos_table(m.pos_embed_spatial, m.pos_embed_temporal)[0]
+    official = pos_table(m.pos_embed_spatial, m.pos_embed_temporal)[0]
     for t in range(3):
         year, doy = DATES[0, t].tolist()
         w = [10000 ** (-i / (d // 4)) for i in range(d // 4)]
@@ -84,7 +85,7 @@ def test_learned_date_tables_are_indexed_by_date_and_trained() -> None:
     m = _model(num_dates=2, date_encoding="learned")
     pos = m._positions(m.pos_embed_spatial, m.pos_embed_temporal, m.pos_embed_date, 2, None, None)
     per = m.cfg.tokens_per_date
-    official = m._pos_table(m.pos_embed_spatial, m.pos_embed_temporal)[0]
+    official = pos_table(m.pos_embed_spatial, m.pos_embed_temporal)[0]
     assert torch.allclose(pos[0, per:] - official, m.pos_embed_date[0, 1].expand(per, -1).detach())
     out = m(_stack(2, 2))  # no dates needed
     out.loss.backward()
@@ -112,7 +113,7 @@ def test_gsd_encoding_places_tokens_at_ground_distance() -> None:
 
 def test_gsd_encoding_off_keeps_the_official_table_and_on_uses_the_samples_gsd() -> None:
     off, on = _model(), _model(gsd_encoding=True)
-    official = off._pos_table(off.pos_embed_spatial, off.pos_embed_temporal)
+    official = pos_table(off.pos_embed_spatial, off.pos_embed_temporal)
     assert torch.equal(off._positions(off.pos_embed_spatial, off.pos_embed_temporal, None, 1, None,
                                       torch.tensor([20.0])), official)
     p10 = on._positions(on.pos_embed_spatial, on.pos_embed_temporal, None, 1, None, torch.tensor([10.0]))

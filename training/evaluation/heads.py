@@ -41,7 +41,9 @@ class Encoder(nn.Module):
     each other, each date's tokens carrying its date encoding (``dates`` ``[B, T, 2]``, year
     and day of year, for the ``sincos`` encoding; the learned table needs none). Without
     ``dates`` a ``sincos`` model encodes each date alone (no date term), so stacks of any
-    length and any dates still give features.
+    length and any dates still give features. ``gsd`` ``[B]`` (m/px, the sample JSON
+    ``gsd``) feeds a model trained with the GSD encoding, as in pretraining (None: its
+    ``reference_gsd``). Positions come from ``spectral_mae.positions``, as in pretraining.
     """
 
     def __init__(self, mae: SpectralMAE) -> None:
@@ -59,36 +61,26 @@ class Encoder(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
 
-    def forward(self, x: Tensor, dates: Tensor | None = None) -> Tensor:
-        if x.dim() == 5:
-            return self._stack(x, dates)
-        x = self.patch_embed(x.unsqueeze(1))  # [B, G, L, D]
-        x = x + self.pos_embed_spatial[:, None] + self.pos_embed_temporal[:, :, None]
-        b, g, n_l, d = x.shape
-        x = x.reshape(b, g * n_l, d)  # token = group * L + spatial, as in pretraining
-        for blk in self.blocks:
-            x = blk(x)
-        return self.norm(x).reshape(b, g, n_l, d)
+    def forward(self, x: Tensor, dates: Tensor | None = None, gsd: Tensor | None = None) -> Tensor:
+        from training.models.spectral_mae import positions
 
-    def _stack(self, x: Tensor, dates: Tensor | None) -> Tensor:
-        from training.models.spectral_mae import date_encoding
-
-        b, t = x.shape[:2]
+        single = x.dim() == 4
+        stack = x.unsqueeze(1) if single else x  # [B, T, 12, H, W]
+        b, t = stack.shape[:2]
         if t > 1 and self.cfg.date_encoding == "sincos" and dates is None:  # each date on its own
-            return self.forward(x.reshape(b * t, *x.shape[2:])).unflatten(0, (b, t))
-        tokens = self.patch_embed(x.reshape(b * t, 1, *x.shape[2:]))  # [B*T, G, L, D]
-        tokens = tokens + self.pos_embed_spatial[:, None] + self.pos_embed_temporal[:, :, None]
+            per = None if gsd is None else gsd.repeat_interleave(t)
+            return self.forward(stack.reshape(b * t, *stack.shape[2:]), gsd=per).unflatten(0, (b, t))
+        tokens = self.patch_embed(stack.reshape(b * t, 1, *stack.shape[2:]))  # [B*T, G, L, D]
         _, g, n_l, d = tokens.shape
-        tokens = tokens.reshape(b, t, g * n_l, d)
-        if t > 1 and self.cfg.date_encoding == "learned":
-            tokens = tokens + self.pos_embed_date[:, :t, None]
-        elif t > 1 and self.cfg.date_encoding == "sincos":
-            enc = self.cfg.encoding_scale * date_encoding(dates.to(x.device), d).to(tokens.dtype)
-            tokens = tokens + enc[:, :, None]
-        tokens = tokens.reshape(b, t * g * n_l, d)
+        # token = (date * G + group) * L + spatial, with the positions pretraining adds
+        # (separable tables, the GSD encoding, the date encoding): one function for both
+        tokens = tokens.reshape(b, t * g * n_l, d) + positions(
+            self.cfg, self.pos_embed_spatial, self.pos_embed_temporal,
+            getattr(self, "pos_embed_date", None), t, dates, gsd)
         for blk in self.blocks:
             tokens = blk(tokens)
-        return self.norm(tokens).reshape(b, t, g, n_l, d)
+        out = self.norm(tokens).reshape(b, t, g, n_l, d)
+        return out[:, 0] if single else out
 
 
 def pool(tokens: Tensor) -> Tensor:
@@ -114,8 +106,8 @@ class Embedder(nn.Module):
         self.encoder = encoder
         self.pool = pool
 
-    def forward(self, x: Tensor, dates: Tensor | None = None) -> Tensor:
-        tokens = self.encoder(x, dates)
+    def forward(self, x: Tensor, dates: Tensor | None = None, gsd: Tensor | None = None) -> Tensor:
+        tokens = self.encoder(x, dates, gsd)
         if self.pool == "none":
             return tokens
         if self.pool == "groups":  # [.., G, L, D]: mean over L (and T) per group

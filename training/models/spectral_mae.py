@@ -173,6 +173,43 @@ class MAEOutput(NamedTuple):
 # --------------------------------------------------------------------------- the model
 
 
+def pos_table(spatial: Tensor, spectral: Tensor) -> Tensor:
+    """Separable position table ``[1, G*L, D]``: spatial[l] + spectral[g] for token g*L + l."""
+    g, n_l = spectral.shape[1], spatial.shape[1]
+    return spatial.repeat(1, g, 1) + spectral.repeat_interleave(n_l, dim=1)
+
+
+def positions(c: ModelConfig, spatial: Tensor, spectral: Tensor, date_table: Tensor | None, t: int,
+              dates: Tensor | None, gsd: Tensor | None) -> Tensor:
+    """Everything added to the tokens of one side (encoder or decoder): ``[1 or B, N, D]``.
+
+    The official separable table, plus (option) the GSD encoding of every spatial
+    position, repeated over the groups, plus (T > 1) each date's encoding on every token
+    of that date. Single dates with the GSD encoding off get the official table alone.
+    Shared by pretraining and the unmasked encoder of evaluation and embedding.
+    """
+    pos = pos_table(spatial, spectral)  # [1, G*L, D]
+    dim = pos.shape[-1]
+    if c.gsd_encoding:
+        ratio = (gsd.to(pos.device) if gsd is not None else torch.full((1,), c.reference_gsd, device=pos.device))
+        enc = gsd_grid_encoding(c.grid_size, ratio / c.reference_gsd, dim)  # [B or 1, L, D]
+        pos = pos + c.encoding_scale * enc.to(pos.dtype).repeat(1, c.num_groups, 1)
+    if t == 1:
+        return pos
+    if c.date_encoding == "sincos":
+        if dates is None:
+            raise ValueError("a time stack needs its acquisition dates ([B, T, 2] year and day of "
+                             "year) for model.date_encoding 'sincos'")
+        per_date = c.encoding_scale * date_encoding(dates.to(pos.device), dim).to(pos.dtype)  # [B, T, D]
+    elif c.date_encoding == "learned":
+        assert date_table is not None
+        per_date = date_table[:, :t]  # [1, T, D]
+    else:
+        per_date = pos.new_zeros(1, t, dim)
+    out = pos[:, None] + per_date[:, :, None]  # [B or 1, T, G*L, D]
+    return out.reshape(out.shape[0], -1, dim)  # token t*G*L + g*L + l
+
+
 class SpectralMAE(nn.Module):
     """SpectralGPT masked autoencoder. Input ``[B, 12, H, W]`` (one date; the official
     ``[B, 1, 12, H, W]`` too) or ``[B, T, 12, H, W]`` (T = ``cfg.num_dates`` dates), float."""
@@ -255,40 +292,10 @@ class SpectralMAE(nn.Module):
         x = x.reshape(b, t, g * u, h * p, h * p)
         return x[:, 0] if t == 1 else x
 
-    def _pos_table(self, spatial: Tensor, spectral: Tensor) -> Tensor:
-        """Separable position table ``[1, G*L, D]``: spatial[l] + spectral[g] for token g*L + l."""
-        g, n_l = spectral.shape[1], spatial.shape[1]
-        return spatial.repeat(1, g, 1) + spectral.repeat_interleave(n_l, dim=1)
-
     def _positions(self, spatial: Tensor, spectral: Tensor, date_table: Tensor | None, t: int,
                    dates: Tensor | None, gsd: Tensor | None) -> Tensor:
-        """Everything added to the tokens of one side (encoder or decoder): ``[1 or B, N, D]``.
-
-        The official separable table, plus (option) the GSD encoding of every spatial
-        position, repeated over the groups, plus (T > 1) each date's encoding on every token
-        of that date. Single dates with the GSD encoding off get the official table alone.
-        """
-        c = self.cfg
-        pos = self._pos_table(spatial, spectral)  # [1, G*L, D]
-        dim = pos.shape[-1]
-        if c.gsd_encoding:
-            ratio = (gsd.to(pos.device) if gsd is not None else torch.full((1,), c.reference_gsd, device=pos.device))
-            enc = gsd_grid_encoding(c.grid_size, ratio / c.reference_gsd, dim)  # [B or 1, L, D]
-            pos = pos + c.encoding_scale * enc.to(pos.dtype).repeat(1, c.num_groups, 1)
-        if t == 1:
-            return pos
-        if c.date_encoding == "sincos":
-            if dates is None:
-                raise ValueError("a time stack needs its acquisition dates ([B, T, 2] year and day of "
-                                 "year) for model.date_encoding 'sincos'")
-            per_date = c.encoding_scale * date_encoding(dates.to(pos.device), dim).to(pos.dtype)  # [B, T, D]
-        elif c.date_encoding == "learned":
-            assert date_table is not None
-            per_date = date_table[:, :t]  # [1, T, D]
-        else:
-            per_date = pos.new_zeros(1, t, dim)
-        out = pos[:, None] + per_date[:, :, None]  # [B or 1, T, G*L, D]
-        return out.reshape(out.shape[0], -1, dim)  # token t*G*L + g*L + l
+        """:func:`positions` with this model's config."""
+        return positions(self.cfg, spatial, spectral, date_table, t, dates, gsd)
 
     # ------------------------------------------------------------------ masking
 
