@@ -140,6 +140,23 @@ def test_installed_wheel_runs_every_tool_offline_from_an_empty_folder(
     for cmd in (["spectralgpt", "evaluate", "--help"], [python, "-m", "training.evaluate", "--help"]):
         assert "--task" in _run(cmd, work, env).stdout
 
+    # embeddings of the sample from the DeepSpeed run, both ways; search finds the key itself first
+    _run(["spectralgpt", "embed", "--checkpoint", "runs/tiny_cpu", "--manifest", "datasets/europe/manifest.json",
+          "--dataset", "s128_g10m", "--output", "emb"], work, env)
+    done = json.loads((work / "emb" / "_embeddings.json").read_text())
+    assert done["rows"] == {s: v["num_samples"] for s, v in json.loads(
+        (work / "datasets" / "europe" / "manifest.json").read_text())["datasets"]["s128_g10m"]["splits"].items()}
+    key = _run([python, "-c", "import pyarrow.dataset as d; print(d.dataset('emb').to_table(columns=['key'])"
+                ".column('key')[0])"], work, env).stdout.strip()
+    near = _run([python, "-m", "training.embed", "search", "emb", "--key", key, "-k", "3"], work, env).stdout
+    assert near.splitlines()[0].split("\t")[0] == key and len(near.splitlines()) == 3
+    meta = _run([python, "-c", "import pyarrow.parquet as pq, glob; print(pq.read_metadata(sorted(glob.glob("
+                 "'emb/**/*.parquet', recursive=True))[0]).metadata[b'spectralgpt'].decode())"], work, env).stdout
+    assert str(work) not in meta and str(tmp_path) not in meta
+    # the encoder as ONNX, checked against eager PyTorch by the command itself
+    _run(["spectralgpt", "export", "runs/tiny_cpu", "--format", "onnx", "--output", "encoder.onnx"], work, env)
+    assert (work / "encoder.onnx").stat().st_size > 100_000 and (work / "encoder.item.json").is_file()
+
     # shareable outputs name no folder of this machine
     _no_local_paths(work, work, tmp_path, REPO)
 

@@ -373,7 +373,8 @@ def read_shard_set(manifest_path: str | Path, dataset: str, split: str, model: M
 
 
 def normalise(x: Tensor, valid: Tensor, mode: str, mean: Tensor, std: Tensor) -> Tensor:
-    """Normalise a chip ``[C, H, W]`` (DN, float32); nodata pixels become 0 afterwards.
+    """Normalise a chip ``[C, H, W]`` or a batch ``[..., C, H, W]`` (DN, float32); nodata
+    pixels become 0 afterwards.
 
     ``dataset_stats``: (x - mean) / std per band (0 = the data set mean, a neutral value).
     ``per_image_minmax``: per band to [0, 1] over the valid pixels (official pretraining).
@@ -382,8 +383,8 @@ def normalise(x: Tensor, valid: Tensor, mode: str, mean: Tensor, std: Tensor) ->
         out = (x - mean[:, None, None]) / std[:, None, None]
     elif mode == "per_image_minmax":
         big = torch.finfo(x.dtype).max
-        lo = torch.where(valid, x, big).amin(dim=(1, 2), keepdim=True)
-        hi = torch.where(valid, x, -big).amax(dim=(1, 2), keepdim=True)
+        lo = torch.where(valid, x, big).amin(dim=(-2, -1), keepdim=True)
+        hi = torch.where(valid, x, -big).amax(dim=(-2, -1), keepdim=True)
         lo = torch.where(lo > hi, 0.0, lo)  # an all-nodata band
         hi = torch.where(hi < lo, 0.0, hi)
         out = (x - lo) / (hi - lo + MINMAX_EPS)

@@ -11,15 +11,19 @@ Usage::
 ``CKPT`` is anything ``python -m training.evaluate`` takes (a DeepSpeed run or checkpoint
 folder, an export of ``training.export``, an official SpectralGPT ``.pth``). The encoder runs
 without masking on every sample (time stacks with their acquisition dates), with the input
-normalisation of its pretraining (``training.evaluation.checkpoints.resolve_normalisation``).
+normalisation of its pretraining (``training.evaluation.checkpoints.resolve_normalisation``;
+when it used dataset statistics that the checkpoint does not carry, the embedded data set's),
+and a model with the GSD encoding gets each sample's ``gsd``, as in pretraining.
 
 ``OUT`` (a local folder or an fsspec URL such as ``s3://bucket/emb``) becomes a GeoParquet 1.1
 dataset: one part per input shard, ``OUT/<dataset>/<split>/<shard stem>.parquet``, one row per
 sample (columns: :data:`COLUMNS`; ``embedding`` is a fixed-size list of float32, or float16 with
 ``--float16``: ``D`` values for ``--pool mean``, ``G x D`` (group-major) for ``--pool groups``).
 ``--pool none`` keeps the encoder's tokens: the rows carry no ``embedding`` and
-``OUT/_tokens/<dataset>/<split>/<shard stem>.zarr`` (a ``_`` name: GeoParquet readers skip it) holds an array ``tokens``
-``[N, (T,) G, L, D]`` in row order. Every part's key-value metadata holds ``geo`` (GeoParquet)
+``OUT/_tokens/<dataset>/<split>/<shard stem>.zarr`` (a ``_`` name: GeoParquet readers skip
+it) holds an array ``tokens`` ``[N, (T,) G, L, D]`` in row order. ``--aoi``/``--bbox`` builds
+the area's dataset under ``OUT/_dataset/`` first; ``search --index hnsw`` keeps its index in
+``OUT/_index/``. Every part's key-value metadata holds ``geo`` (GeoParquet)
 and ``spectralgpt`` (:data:`EMBED_FORMAT`, the checkpoint's sha256, the model config, the
 normalisation, the pooling). ``OUT/_run.json`` (written first) names the run; a run with
 other inputs refuses the folder. ``OUT/_embeddings.json`` (written last, after every part was
@@ -30,8 +34,10 @@ one upload); a killed run resumes and skips finished parts. With several process
 ``r`` embeds parts ``r, r + N, ...``: the parts, so the rows, are the same for any N.
 bf16 autocast on GPU, fp32 on CPU.
 
-Exit codes: 0 done, 2 bad input (one line on stderr), 3 the result is incomplete
-(rows missing or twice), 6 disk full; ``search``: 0, or 2 for a bad query.
+Exit codes: 0 done, 2 bad input or unreadable data (one line on stderr), 3 the result is
+incomplete (rows missing or twice), 6 disk full, 130 interrupted (run it again to resume),
+1 a bug (with a traceback); ``search``: 0, or 2 for a bad query. The area's build keeps the
+pipeline's own exit codes.
 """
 
 from __future__ import annotations
@@ -117,8 +123,11 @@ class EmbedConfig:
     pool: str = "mean"
     float16: bool = False
     batch_size: int = 32
-    workers: int = 1
-    """DataLoader worker processes reading and normalising shards (0: in the main process)."""
+    workers: int | None = None
+    """DataLoader worker processes reading and normalising shards (0: in the main process).
+    None: 2 on a GPU; 0 on CPU, where the model's threads use every core and a reader process
+    only competes with them (tiny, 128 px, 2 cores: 0.86 of forward-only throughput with 0
+    workers, 0.74 with 1; benchmarks/bench_embed.py)."""
     normalisation: str = "auto"
     version: str = "latest"
     preset: str | None = None
@@ -126,7 +135,7 @@ class EmbedConfig:
     def __post_init__(self) -> None:
         if self.pool not in POOLS:
             raise EvaluationError(f"--pool {self.pool!r}: use one of {', '.join(POOLS)}")
-        if self.batch_size < 1 or self.workers < 0:
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
             raise EvaluationError("--batch-size must be >= 1 and --workers >= 0")
 
 
@@ -626,8 +635,9 @@ def _embed_parts(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisati
     model = Embedder(Encoder(build_mae(ckpt, pl.chip_size)), cfg.pool).to(device).eval()
     stream = PartBatches(parts, pl.shape, pl.dates, cfg.batch_size, norm,
                          want_meta=pl.dates > 1 or ckpt.config.gsd_encoding)
-    loader = DataLoader(stream, batch_size=None, num_workers=cfg.workers,
-                        prefetch_factor=4 if cfg.workers else None, persistent_workers=False)
+    workers = cfg.workers if cfg.workers is not None else (2 if device.type == "cuda" else 0)
+    loader = DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
     by_index = {p.index: p for p in parts}
     pending: dict[int, tuple[list[dict[str, Any]], list[np.ndarray]]] = {}
     tokens: dict[int, Any] = {}
@@ -682,6 +692,12 @@ def _embed_parts(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisati
             with contextlib.suppress(OSError):
                 base.rmdir()  # only when no other run stages there
     return rows
+
+
+def _as_is(batch: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's collate: batches are made by PartBatches (default_convert would walk
+    every sample's metadata)."""
+    return batch
 
 
 def _tokens_write(tokens: dict[int, Any], scratch: Path, part: Part, start: int, out: np.ndarray,
@@ -1038,7 +1054,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="mean over all tokens (default), per spectral group (G x D), or none (tokens to zarr)")
     m.add_argument("--float16", action="store_true", help="store embeddings as float16")
     m.add_argument("--batch-size", type=int, default=32)
-    m.add_argument("--workers", type=int, default=1, help="DataLoader processes reading shards (default 1)")
+    m.add_argument("--workers", type=int, default=None,
+                   help="DataLoader processes reading shards (default: 2 on GPU, 0 on CPU)")
     m.add_argument("--normalisation", default="auto", choices=("auto", "dataset_stats", "per_image_minmax"))
     m.add_argument("--preset", help="head counts for an official checkpoint (default: inferred)")
     # the deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same

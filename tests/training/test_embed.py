@@ -251,7 +251,7 @@ def test_a_failed_run_keeps_finished_parts_and_resumes(fx: dict[str, Path], one:
     val.write_bytes(good[: len(good) // 2])
     out = tmp_path / "out"
     argv = ["--checkpoint", str(fx["safetensors"]), "--manifest", str(ds / "manifest.json"), "--dataset",
-            DATASET, "--output", str(out)]  # the default: one DataLoader worker process reads
+            DATASET, "--output", str(out), "--workers", "1"]  # a DataLoader worker process reads
     assert emb.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "cannot read shard" in err[0] and "Traceback" not in err[0], err

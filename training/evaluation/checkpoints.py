@@ -287,9 +287,4 @@ def normalise(x: Tensor, norm: Normalisation) -> Tensor:
         std = torch.tensor(norm.std, dtype=x.dtype, device=x.device)
     else:
         mean = std = torch.zeros(x.shape[-3], dtype=x.dtype, device=x.device)
-    if x.dim() == 3:
-        return train_normalise(x, valid, norm.mode, mean, std)
-    flat = x.reshape(-1, *x.shape[-3:])
-    out = torch.stack([train_normalise(f, v, norm.mode, mean, std)
-                       for f, v in zip(flat, valid.reshape(flat.shape))])
-    return out.reshape(x.shape)
+    return train_normalise(x, valid, norm.mode, mean, std)  # per image and band over [..., C, H, W]
