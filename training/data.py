@@ -399,7 +399,9 @@ def random_resized_crop(x: Tensor, size: int, scale: tuple[float, float],
 
     Same sampling as ``torchvision.transforms.RandomResizedCrop.get_params``: 10 tries at a
     random area and log-uniform aspect ratio, then a centre crop with the ratio clamped.
-    Bicubic with antialias, as torchvision does on tensors; returns ``[C, size, size]``.
+    Bicubic *with* antialias; returns ``[C, size, size]``. A deviation: the official pin,
+    torchvision 0.15.1, did not antialias tensors (``antialias=None`` meant off for tensors
+    until 0.17); shrinking a large crop without it aliases fine texture. Listed in PRETRAIN.md.
     """
     _, h, w = x.shape
     area = h * w
