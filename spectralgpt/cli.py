@@ -9,6 +9,7 @@ Each command is the same function as its ``python -m`` form (which keeps working
     spectralgpt export    = python -m training.export
     spectralgpt evaluate  = python -m training.evaluate
     spectralgpt embed     = python -m training.embed         (search: spectralgpt embed search OUT ...)
+    spectralgpt predict   = python -m training.predict
     spectralgpt sizes     = python -m training sizes
 """
 
@@ -30,6 +31,7 @@ COMMANDS: dict[str, tuple[str, str, bool]] = {
     "export": ("training.export", "export a checkpoint to plain weights", True),
     "evaluate": ("training.evaluate", "linear probe, k-NN, fine-tuning, segmentation, change detection", True),
     "embed": ("training.embed", "embed every sample of a dataset to GeoParquet; 'embed search' finds neighbours", True),
+    "predict": ("training.predict", "classify images (.npy or GeoTIFF) with a fine-tuned classifier", True),
     "sizes": ("training.cli:sizes_main", "parameter and token counts of the model presets", True),
 }
 

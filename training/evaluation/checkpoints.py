@@ -9,7 +9,14 @@ Accepted ``--checkpoint`` values:
 * the official ``SpectralGPT.pth`` / ``SpectralGPT+.pth`` (``{"model": state_dict, ...}`` or
   a bare state dict with the official key layout, ``module.`` prefixes allowed). The
   architecture is read from the tensor shapes; the head counts, which shapes do not carry,
-  come from the preset with the same width and depth.
+  come from the preset with the same width and depth;
+* an official fine-tuned classifier (``main_finetune.py`` with ``models_vit_tensor``: a
+  ``head.weight`` and no ``decoder_embed.weight``), same wrappers: ``kind``
+  ``official_classifier``, its architecture in ``Checkpoint.classifier``
+  (:class:`~training.evaluation.official.ClassifierSpec`), the model is
+  :class:`~training.evaluation.official.OfficialClassifier` (``python -m training.predict``).
+  It has no MAE decoder and (as run) a joint position table, so :func:`build_mae` refuses it.
+  Official dense models (SegMunich / OSCD, UPerNet heads) are refused in one line.
 
 Files are read with ``torch.load(weights_only=True)``; ``argparse.Namespace`` (the ``args``
 entry MAE-style checkpoints carry) is the one extra type allowed.
@@ -39,6 +46,7 @@ from torch import Tensor
 from training.config import ModelConfig, config_from_dict
 from training.errors import TrainingError
 from training.evaluation.errors import EvaluationError
+from training.evaluation.official import ClassifierSpec, classifier_spec, official_layout
 from training.evaluation.readers import model_bands
 from training.models.spectral_mae import PRESETS, SpectralMAE, load_official_state_dict
 
@@ -55,11 +63,14 @@ class Checkpoint:
     state: dict[str, Tensor]
     config: ModelConfig
     kind: str
-    """``exported``, ``deepspeed`` or ``official``."""
+    """``exported``, ``deepspeed``, ``official`` (pretrained MAE) or ``official_classifier``
+    (fine-tuned ``models_vit_tensor`` classifier: ``config`` holds its encoder's sizes only)."""
     path: Path
     run_config: dict[str, Any] | None = None
     """The pretraining ``RunConfig.to_dict()`` when known (exports, DeepSpeed dirs)."""
     info: dict[str, Any] = field(default_factory=dict)
+    classifier: ClassifierSpec | None = None
+    """The architecture of an ``official_classifier``; None for every other kind."""
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.path), "kind": self.kind, "model": asdict(self.config),
@@ -123,11 +134,16 @@ def infer_config(state: dict[str, Tensor], preset: str | None = None) -> ModelCo
                           f"which head counts to use")
 
 
-def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
+def load_checkpoint(path: str | Path, preset: str | None = None, *,
+                    num_heads: int | None = None) -> Checkpoint:
     """Read any supported checkpoint (module doc) without building the model yet.
 
+    ``num_heads`` overrides the head count of an official fine-tuned classifier (otherwise
+    from ``preset`` or the preset of the same width and depth).
+
     Raises:
-        EvaluationError: the path is missing or is none of the supported kinds.
+        EvaluationError: the path is missing or is none of the supported kinds (one line
+            naming the layout for official dense models).
     """
     p = Path(path)
     if not p.exists():
@@ -147,7 +163,7 @@ def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
         info = json.loads(meta["spectralgpt"]) if "spectralgpt" in meta else None
         if info is None and p.with_suffix(".json").is_file():
             info = json.loads(p.with_suffix(".json").read_text())
-        return _from_state(p, state, info, preset)
+        return _from_state(p, state, info, preset, num_heads)
     obj = _torch_load(p)
     if not isinstance(obj, dict):
         raise EvaluationError(f"'{p}' holds a {type(obj).__name__}, not a state dict")
@@ -156,15 +172,38 @@ def load_checkpoint(path: str | Path, preset: str | None = None) -> Checkpoint:
     if not isinstance(state, dict):
         raise EvaluationError(f"'{p}': the 'model' entry is not a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, Tensor)}
-    return _from_state(p, state, info, preset)
+    return _from_state(p, state, info, preset, num_heads)
 
 
 def _from_state(p: Path, state: dict[str, Tensor], info: dict[str, Any] | None,
-                preset: str | None) -> Checkpoint:
+                preset: str | None, num_heads: int | None = None) -> Checkpoint:
     if info is not None and info.get("format") == EXPORT_FORMAT:
         run_config = _source_run_config(info)
         return Checkpoint(state, ModelConfig(**info["model"]), "exported", p, run_config, info)
+    try:
+        layout = official_layout(state)
+        if layout == "dense":
+            raise EvaluationError("official dense (UPerNet) checkpoints are not supported yet "
+                                  "(SegMunich / OSCD: cls_seg, decoder.PPMHead keys)")
+        if layout == "classifier":
+            spec = classifier_spec(state, preset=preset, num_heads=num_heads)
+            config = _classifier_config(spec)
+            return Checkpoint(state, config, "official_classifier", p, None,
+                              {"num_classes": spec.num_classes}, classifier=spec)
+    except EvaluationError as exc:
+        raise EvaluationError(f"--checkpoint '{p}': {exc}") from None
     return Checkpoint(state, infer_config(state, preset), "official", p, None, {})
+
+
+def _classifier_config(spec: ClassifierSpec) -> ModelConfig:
+    """The encoder sizes of a classifier as a :class:`ModelConfig` (decoder fields: defaults)."""
+    try:
+        return ModelConfig(img_size=spec.img_size, num_bands=spec.num_bands,
+                           patch_size=spec.patch_size, band_patch_size=spec.band_patch_size,
+                           embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads,
+                           mlp_ratio=spec.mlp_ratio, date_encoding="none")
+    except TrainingError as exc:  # ConfigError: sizes no ModelConfig takes
+        raise EvaluationError(f"classifier sizes {spec}: {exc}") from None
 
 
 def _source_run_config(info: dict[str, Any]) -> dict[str, Any] | None:
@@ -202,6 +241,10 @@ def _load_deepspeed(p: Path) -> Checkpoint:
 def build_mae(ckpt: Checkpoint, img_size: int) -> SpectralMAE:
     """The checkpoint's model at ``img_size``; spatial position tables are bicubically
     interpolated when the size differs (kept, unlike the official fine-tuning code)."""
+    if ckpt.kind == "official_classifier":
+        raise EvaluationError(f"--checkpoint '{ckpt.path}' is an official fine-tuned classifier "
+                              "(no MAE decoder, joint position table): run it with "
+                              "python -m training.predict")
     cfg = replace(ckpt.config, img_size=img_size)
     if cfg.num_bands != len(model_bands()):
         raise EvaluationError(f"the checkpoint takes {cfg.num_bands} bands; the readers give "
