@@ -5,6 +5,9 @@ Usage::
     python -m training.evaluate --task eurosat --data EuroSAT_MS/ --checkpoint weights.safetensors
     python -m training.evaluate --task bigearthnet --data BigEarthNet-v1.0/ --checkpoint runs/x \\
         --protocol finetune --label-set 19 --split-file test.csv
+    python -m training.evaluate --task eurosat --data EuroSAT_MS/ --checkpoint SpectralGPT+.pth \\
+        --protocol finetune --image-size 128 --drop-path 0.1 --mixup 0.8 --cutmix 1.0 \\
+        --smoothing 0.1 --rrc --select best-val
     python -m training.evaluate --task segmentation --data seg/ --checkpoint SpectralGPT+.pth
     python -m training.evaluate --task change --data OSCD/ --checkpoint SpectralGPT+.pth
 
@@ -63,6 +66,36 @@ def build_parser(prog: str = "python -m training.evaluate") -> argparse.Argument
     p.add_argument("--layer-decay", type=float, default=0.75,
                    help="layer-wise LR decay for finetune (official 0.75)")
     p.add_argument("--warmup-epochs", type=float, default=1.0)
+    r = p.add_argument_group(
+        "fine-tuning recipe (finetune; each off by default, --pos-lr as the official code; "
+        "official values and source lines in training/evaluation/tasks.py)")
+    r.add_argument("--drop-path", type=float, default=0.0,
+                   help="stochastic depth of the last block, linspace(0, R, depth) over the "
+                        "blocks (official README 0.2, paper 0.1)")
+    r.add_argument("--mixup", type=float, default=0.0,
+                   help="Mixup Beta alpha, single-label only (official 0.8)")
+    r.add_argument("--cutmix", type=float, default=0.0,
+                   help="CutMix Beta alpha, single-label only; with --mixup one of the two per "
+                        "batch, 50/50 (official 1.0)")
+    r.add_argument("--smoothing", type=float, default=0.0,
+                   help="label smoothing of the soft targets, single-label only (official 0.1)")
+    r.add_argument("--reprob", type=float, default=0.0,
+                   help="random-erasing probability per sample, pixel mode (official README "
+                        "passes 0.25, but its code never applies it)")
+    r.add_argument("--rrc", action="store_true",
+                   help="random-resized crops (scale 0.2-1, bicubic) to --image-size instead "
+                        "of a resize (official for EuroSAT and BigEarthNet)")
+    r.add_argument("--select", choices=("last", "best-val"), default="last",
+                   help="score the test split with the last epoch, or with the epoch best on "
+                        "a validation split held out of the training split")
+    r.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training split held out for --select best-val")
+    r.add_argument("--val-file", default=None,
+                   help="names of the validation samples for --select best-val (instead of "
+                        "--val-fraction)")
+    r.add_argument("--pos-lr", choices=("official", "decayed"), default="official",
+                   help="position tables under layer-wise decay: full LR (the official "
+                        "lr_decay.py with separable tables) or layer 0")
     p.add_argument("--k", type=int, default=20, help="neighbours for knn")
     p.add_argument("--image-size", type=int, default=None,
                    help="model input side (classification: images resized to it; dense tasks: "
@@ -158,6 +191,38 @@ def _probe(data: Any) -> None:
             return
 
 
+def _check_recipe(args: argparse.Namespace, dense: bool) -> None:
+    """Refuse recipe options that would be silently ignored or are out of range."""
+    from training.evaluation.errors import EvaluationError
+
+    ranges = {"drop_path": (0.0, 1.0, False), "smoothing": (0.0, 1.0, False),
+              "reprob": (0.0, 1.0, True)}
+    for name, (lo, hi, closed) in ranges.items():
+        v = getattr(args, name)
+        if not (lo <= v <= hi if closed else lo <= v < hi):
+            raise EvaluationError(f"--{name.replace('_', '-')} must be in [{lo:g}, {hi:g}"
+                                  f"{']' if closed else ')'}, got {v}")
+    for name in ("mixup", "cutmix"):
+        if getattr(args, name) < 0:
+            raise EvaluationError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise EvaluationError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    given = [flag for flag, on in (("--drop-path", args.drop_path > 0), ("--mixup", args.mixup > 0),
+                                   ("--cutmix", args.cutmix > 0),
+                                   ("--smoothing", args.smoothing > 0),
+                                   ("--reprob", args.reprob > 0), ("--rrc", args.rrc),
+                                   ("--select best-val", args.select == "best-val"),
+                                   ("--val-file", args.val_file is not None)) if on]
+    if args.protocol != "finetune" and given:
+        raise EvaluationError(f"{', '.join(given)}: fine-tuning options (--protocol finetune)")
+    classification_only = [g for g in given if g != "--drop-path"]
+    if dense and classification_only:
+        raise EvaluationError(f"{', '.join(classification_only)}: classification fine-tuning "
+                              f"options; {args.task} takes --drop-path and --pos-lr")
+    if args.val_file is not None and args.select != "best-val":
+        raise EvaluationError("--val-file is for --select best-val")
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Run one task/protocol; return the result record (also written to disk)."""
     from training.evaluation import checkpoints, readers, tasks
@@ -175,6 +240,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, name)
         if v is not None and v < (0 if name == "epochs" else 1):
             raise EvaluationError(f"--{name.replace('_', '-')} must be positive, got {v}")
+
+    _check_recipe(args, dense)
 
     data_dir = Path(args.data)
     if not data_dir.is_dir():
@@ -200,6 +267,17 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     train, test, split = tasks.make_split(data.ids, data.split_files, seed=args.seed,
                                          eval_list=eval_list, train_list=train_list)
 
+    val: list[int] | None = None
+    if args.select == "best-val":
+        val_list = readers.read_name_list(args.val_file) if args.val_file else \
+            data.split_files.get("val")
+        train, val, val_record = tasks.split_validation(
+            data.ids, train, test, seed=args.seed, val_list=val_list,
+            fraction=args.val_fraction)
+        if val_list is not None and not args.val_file:
+            val_record["source"] = "data set split file"
+        split = {**split, "train": len(train), "val": len(val), "val_source": val_record}
+
     epochs, lr, wd = (DENSE_DEFAULTS if dense else DEFAULTS)[args.protocol]
     settings = tasks.TrainSettings(
         epochs=args.epochs if args.epochs is not None else epochs,
@@ -207,7 +285,10 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         weight_decay=args.weight_decay if args.weight_decay is not None else wd,
         layer_decay=args.layer_decay, warmup_epochs=args.warmup_epochs, seed=args.seed,
         device=device, k=args.k,
-        workers=args.workers if args.workers is not None else (8 if device.type == "cuda" else 0))
+        workers=args.workers if args.workers is not None else (8 if device.type == "cuda" else 0),
+        drop_path=args.drop_path, mixup=args.mixup, cutmix=args.cutmix,
+        smoothing=args.smoothing, reprob=args.reprob, rrc=args.rrc, selection=args.select,
+        pos_lr=args.pos_lr)
     torch.manual_seed(args.seed)
     encoder = Encoder(checkpoints.build_mae(ckpt, size)).to(device)
     logger.info("%s / %s: %d train, %d test samples (%s); image size %d; normalisation %s; "
@@ -216,7 +297,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     run = {"eurosat": tasks.run_classification, "bigearthnet": tasks.run_classification,
            "segmentation": tasks.run_segmentation, "change": tasks.run_change}[args.task]
-    out = run(encoder, data, train, test, norm, size, args.protocol, settings)
+    if dense:
+        out = run(encoder, data, train, test, norm, size, args.protocol, settings)
+    else:
+        out = run(encoder, data, train, test, norm, size, args.protocol, settings, val=val)
+    chosen = out["training"].get("selection", {"mode": "last", "epoch": settings.epochs or None})
+    finetune = args.protocol == "finetune"
 
     result = {
         "task": args.task, "protocol": args.protocol, "metrics": out["metrics"],
@@ -226,14 +312,25 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "bands": " ".join(readers.model_bands()),
         "settings": {"epochs": settings.epochs, "batch_size": settings.batch_size,
                      "lr": settings.lr, "weight_decay": settings.weight_decay,
-                     "layer_decay": settings.layer_decay if args.protocol == "finetune" else None,
+                     "layer_decay": settings.layer_decay if finetune else None,
                      "warmup_epochs": settings.warmup_epochs,
-                     "k": settings.k if args.protocol == "knn" else None},
+                     "k": settings.k if args.protocol == "knn" else None,
+                     **({"drop_path": settings.drop_path, "pos_lr": settings.pos_lr}
+                        if finetune else {}),
+                     **({"mixup": settings.mixup, "cutmix": settings.cutmix,
+                         "mixup_switch_prob": settings.mixup_switch_prob,
+                         "smoothing": settings.smoothing, "reprob": settings.reprob,
+                         "rrc": settings.rrc} if finetune and not dense else {})},
+        "selection": chosen["mode"], "selected_epoch": chosen["epoch"],
         "training": out["training"], "seed": args.seed, "device": str(device),
         "seconds": round(time.perf_counter() - t0, 2),
         "software": {"torch": torch.__version__, "python": platform.python_version()},
-        "notes": ("metrics over the whole test split after the last epoch (no best-epoch "
-                  "selection); dense tasks scored on full images, each pixel once"),
+        "notes": ("metrics over the whole test split "
+                  + (f"with the weights of epoch {chosen['epoch']}, the best on the "
+                     f"validation split held out of the training split"
+                     if chosen["mode"] == "best-val" else
+                     "after the last epoch (no best-epoch selection)")
+                  + "; dense tasks scored on full images, each pixel once"),
     }
     given = Path(args.checkpoint)
     out_dir = Path(args.out) if args.out else (given if given.is_dir() else given.parent) / "eval"

@@ -202,15 +202,29 @@ class ChangeModel(nn.Module):
         return self.head(fa - fb)
 
 
+#: Where the layer-wise LR decay puts the encoder's position tables (``pos_embed_*``):
+#: ``official`` - at full LR, as the official ``util/lr_decay.py`` ``get_layer_id_for_vit``
+#: (L60-72) does with these names: it sends only ``cls_token``, ``pos_embed`` (L65-66) and
+#: ``patch_embed*`` (L67-68) to layer 0, so the separable ``pos_embed_spatial`` /
+#: ``pos_embed_temporal`` fall through to ``num_layers`` (L71-72), scale ``0.75 ** 0 = 1``;
+#: ``decayed`` - at layer 0 with the tokeniser (BEiT/MAE intent; scale ``0.75 ** (depth + 1)``).
+POS_LR = ("official", "decayed")
+
+
 def param_groups_lrd(model: nn.Module, lr: float, weight_decay: float,
-                     layer_decay: float) -> list[dict[str, object]]:
+                     layer_decay: float, pos_lr: str = "official") -> list[dict[str, object]]:
     """AdamW parameter groups with layer-wise LR decay (BEiT; official ``util/lr_decay.py``).
 
-    Layer 0 = tokeniser and position tables, layer i + 1 = ``encoder.blocks.i``, and the
-    final norm plus every head parameter = layer depth + 1 (scale 1). The LR of layer i is
-    ``lr * layer_decay ** (depth + 1 - i)``. No weight decay on biases, norms (1-D tensors)
-    and position tables.
+    Layer 0 = tokeniser, layer i + 1 = ``encoder.blocks.i``, and the final norm plus every
+    head parameter = layer depth + 1 (scale 1). The LR of layer i is
+    ``lr * layer_decay ** (depth + 1 - i)`` (official L19-21). The position tables go to
+    layer depth + 1 (``pos_lr="official"``, what the official code does with the separable
+    tables' names) or to layer 0 (``"decayed"``); see :data:`POS_LR`. No weight decay on
+    biases, norms (1-D tensors) and position tables (official ``p.ndim == 1`` plus the
+    model's ``no_weight_decay()`` names, ``models_vit_tensor.py`` L132-139).
     """
+    if pos_lr not in POS_LR:
+        raise ValueError(f"pos_lr {pos_lr!r}: use one of {', '.join(POS_LR)}")
     encoder = next((m for m in model.modules() if isinstance(m, Encoder)), None)
     depth = len(encoder.blocks) if encoder is not None else 0
     groups: dict[tuple[int, bool], dict[str, object]] = {}
@@ -218,9 +232,12 @@ def param_groups_lrd(model: nn.Module, lr: float, weight_decay: float,
         if not p.requires_grad:
             continue
         short = name.removeprefix("encoder.")
-        if short.startswith(("patch_embed", "pos_embed")) and name.startswith("encoder."):
+        in_encoder = name.startswith("encoder.")
+        if in_encoder and short.startswith("pos_embed"):
+            layer = 0 if pos_lr == "decayed" else depth + 1
+        elif in_encoder and short.startswith("patch_embed"):
             layer = 0
-        elif short.startswith("blocks.") and name.startswith("encoder."):
+        elif short.startswith("blocks.") and in_encoder:
             layer = int(short.split(".")[1]) + 1
         else:
             layer = depth + 1
@@ -232,4 +249,3 @@ def param_groups_lrd(model: nn.Module, lr: float, weight_decay: float,
                            "weight_decay": 0.0 if no_decay else weight_decay}
         groups[key]["params"].append(p)  # type: ignore[union-attr]
     return list(groups.values())
-

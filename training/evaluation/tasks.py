@@ -1,5 +1,6 @@
 """Evaluation protocols: train a head (or the whole model) on the train split, score the
-test split once, after the last epoch.
+test split once, after the last epoch (or, with ``--select best-val``, with the weights of the
+epoch that scored best on a validation split held out of the training split).
 
 Classification (EuroSAT-MS single-label, BigEarthNet-S2 multi-label):
 
@@ -10,7 +11,66 @@ Classification (EuroSAT-MS single-label, BigEarthNet-S2 multi-label):
   with weights ``exp(sim / T)`` (the weighted kNN of Wu et al. 2018 / DINO); multi-label
   scores are the weighted mean of the neighbours' label vectors;
 * ``finetune`` - every weight trained, AdamW with layer-wise LR decay (0.75 default) and a
-  warm-up + cosine schedule; random horizontal flips.
+  warm-up + cosine schedule; random horizontal flips; the recipe options below.
+
+Fine-tuning recipe options (``python -m training.evaluate`` flag = :class:`TrainSettings`
+field). Each defaults to the behaviour above (``--pos-lr`` excepted: it defaults to the
+official code). Official sources: ``danfenghong/IEEE_TPAMI_SpectralGPT`` (file, line), see
+also ``shared/research/spectralgpt.md`` section 5.1:
+
+* ``--drop-path R`` (``drop_path``, default 0; also for dense ``finetune``): stochastic depth
+  on both residual branches of every block, rate ``linspace(0, R, depth)`` from the first
+  block to the last, per sample, inactive in eval mode. Official: README L95 and L114 pass
+  ``--drop_path 0.2`` (EuroSAT and BigEarthNet commands), ``main_finetune.py`` L70 default
+  0.1 (the paper: 0.1); linear rule ``models_vit_tensor.py`` L84-86; timm ``DropPath`` on
+  both branches ``util/video_vit.py`` L220, L231-232.
+* ``--mixup A`` / ``--cutmix B`` (``mixup`` / ``cutmix``, Beta alphas, default 0 = off): timm
+  ``Mixup`` in ``batch`` mode with probability 1: per batch, when both are > 0 CutMix is
+  chosen with probability 0.5, else Mixup; ``lam ~ Beta(alpha, alpha)`` of the chosen one.
+  Mixup: ``x = lam x + (1 - lam) x.flip(0)``; CutMix: a ``sqrt(1 - lam) H x sqrt(1 - lam) W``
+  box at a uniform centre, clipped at the borders, pasted from ``x.flip(0)``, then ``lam =
+  1 - box area / image area``; targets ``lam y + (1 - lam) y.flip(0)`` (soft, smoothed), loss
+  soft-target cross-entropy. Official: README L95 ``--mixup 0.8 --cutmix 1.0`` (L114 too);
+  ``main_finetune.py`` L111-122 (defaults 0 / 0, prob 1.0, switch prob 0.5, mode ``batch``)
+  and L251-258; applied in ``engine_finetune.py`` L56-57.
+* ``--smoothing S`` (``smoothing``, default 0): soft targets ``1 - S + S / C`` on the label and
+  ``S / C`` elsewhere, soft-target cross-entropy. Official: ``main_finetune.py`` L97 default
+  0.1, passed as Mixup's ``label_smoothing`` (L258) with ``SoftTargetCrossEntropy``
+  (L349-361): the official run smooths through Mixup only (its criterion needs soft
+  targets, so it does not run with mixing off).
+* Mixup, CutMix and smoothing are skipped for multi-label BigEarthNet (a warning is logged
+  and the result says so), as ``engine_finetune_BE.py`` L54-55 skips ``mixup_fn`` there;
+  its loss stays the multi-label one (``main_finetune.py`` L353-354).
+* ``--reprob P`` (``reprob``, default 0): timm ``RandomErasing`` in ``pixel`` mode on the
+  normalised image, per sample with probability P: one box of area ``U(0.02, 1/3)`` of the
+  image and aspect ``h / w`` log-uniform in ``(0.3, 1 / 0.3)`` (10 tries to fit), filled with
+  ``N(0, 1)`` values per pixel and band; after the flip, before mixing. Official: README L95
+  ``--reprob 0.25`` and ``main_finetune.py`` L101-108 parse it but **nothing applies it**:
+  the dataset transforms (``util/datasets.py`` ``build_transform`` L100-139) have no
+  ``RandomErasing`` and no code outside the vendored ``timm_utils`` builds one, so the
+  official runs are not erased (effective value 0).
+* ``--rrc`` (``rrc``, default off): ``RandomResizedCrop`` of each normalised training image at
+  its native size to ``image_size``: area fraction ``U(0.2, 1)``, aspect ``w / h``
+  log-uniform in ``(3/4, 4/3)`` (10 tries, else a centre crop), bicubic resize; then the
+  flips. Official: ``util/datasets.py`` L113-123 ``SatelliteDataset.build_transform``
+  (inherited by ``EuroSat``, L779): ToTensor, Normalize, ``RandomResizedCrop(input_size,
+  scale=(0.2, 1.0), interpolation=BICUBIC)`` (torchvision's default ratio), horizontal flip;
+  BigEarthNet the same (L601-613). Its eval images are resized to ``int(128 / 0.875) = 146``
+  px and centre-cropped to 128 (L125-139); here they are resized to ``image_size``.
+* ``--select best-val`` (``selection``, default ``last``): a validation split is held out of
+  the training split (``--val-file`` names, else a seeded ``--val-fraction``, 0.1), scored
+  after every epoch (OA; multi-label: micro mAP), and the first best epoch's weights score
+  the test split once; the result records the mode, the epoch and the curve. Official:
+  ``main_finetune.py`` L402-421 prints the maximum over epochs of the accuracy on the list
+  it also reports (``val_euro_result.txt``, no separate test split); ``best-val`` is the
+  variant that does not select on the reported split.
+* ``--pos-lr official|decayed`` (``pos_lr``, default ``official``): the LR of the position
+  tables under layer-wise decay (``heads.POS_LR``). Official ``util/lr_decay.py`` L60-72 puts
+  only ``cls_token``, ``pos_embed`` and ``patch_embed*`` at layer 0, so the separable
+  ``pos_embed_spatial`` / ``pos_embed_temporal`` get the full LR (L71-72, scale 1);
+  ``decayed`` puts them at layer 0 with the tokeniser (scale ``layer_decay ** (depth + 1)``).
+  (The official EuroSAT model itself fine-tunes a joint, zero-initialised ``pos_embed``,
+  ``models_vit_tensor.py`` L44, L80, which that rule does decay; see the note below.)
 
 Segmentation and change detection (``linear`` = frozen encoder + trained light decoder,
 ``finetune`` = everything trained with layer-wise decay): training on random crops of
@@ -21,8 +81,9 @@ pixel is counted exactly once. The normalised training images of dense tasks are
 memory (OSCD: 14 cities; SegMunich-sized sets fit too).
 
 Differences from the official code, on purpose (research note section 5): the score is the
-last epoch's on the test split (the official EuroSAT script prints the best epoch on its
-validation split), metrics are dataset-level, the pretrained position tables are kept.
+last epoch's (or the best validation epoch's) on the test split (the official EuroSAT script
+prints the best epoch on its validation split), metrics are dataset-level, the pretrained
+position tables are kept.
 """
 
 from __future__ import annotations
@@ -45,17 +106,24 @@ from training.evaluation.errors import EvaluationError
 from training.evaluation.heads import (ChangeModel, Classifier, Encoder, SegmentationModel,
                                        param_groups_lrd, pool)
 from training.evaluation.readers import ChangeData, ClassificationData, SegmentationData
+from training.models.spectral_mae import set_drop_path
 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100  # CE ignore label used internally for padded pixels
 
 
+SELECTIONS = ("last", "best-val")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
+    """Training options of one protocol run (see the module docstring for the recipe fields)."""
+
     epochs: int
     batch_size: int
     lr: float
+    """Peak LR (of the head and last layers under layer-wise decay)."""
     weight_decay: float
     layer_decay: float
     warmup_epochs: float
@@ -64,6 +132,24 @@ class TrainSettings:
     workers: int = 0
     k: int = 20
     temperature: float = 0.07
+    drop_path: float = 0.0
+    """Stochastic-depth rate of the last block (``linspace(0, rate, depth)``); finetune only."""
+    mixup: float = 0.0
+    """Mixup Beta alpha; 0 = off (single-label finetune only)."""
+    cutmix: float = 0.0
+    """CutMix Beta alpha; 0 = off (single-label finetune only)."""
+    smoothing: float = 0.0
+    """Label smoothing S of the soft targets (single-label finetune only)."""
+    reprob: float = 0.0
+    """Per-sample probability of random erasing (classification finetune)."""
+    rrc: bool = False
+    """Random-resized crops of the training images instead of a plain resize."""
+    selection: str = "last"
+    """``last`` epoch or ``best-val`` (needs a validation split; classification finetune)."""
+    pos_lr: str = "official"
+    """Position tables' LR under layer-wise decay: ``official`` (full) or ``decayed``."""
+    mixup_switch_prob: float = 0.5
+    """P(CutMix) per batch when both alphas are > 0 (official ``--mixup_switch_prob``)."""
 
 
 # --------------------------------------------------------------------------- splits
@@ -104,6 +190,211 @@ def make_split(ids: Sequence[str], dataset_files: dict[str, list[str]], *, seed:
                          "test_ids": [ids[i] for i in test]}
 
 
+def split_validation(ids: Sequence[str], train: list[int], test: list[int], *, seed: int,
+                     val_list: list[str] | None = None, fraction: float = 0.1
+                     ) -> tuple[list[int], list[int], dict[str, Any]]:
+    """Hold a validation split out of ``train`` for ``--select best-val``.
+
+    ``val_list`` (sample names, e.g. ``--val-file`` or the data set's ``val`` split file):
+    those samples, never test ones; else a seeded ``fraction`` of ``train`` (its own random
+    stream, so the test split is unchanged). Returns the remaining training indices, the
+    validation indices and a record for the result.
+    """
+    if val_list is not None:
+        where = {name: i for i, name in enumerate(ids)}
+        banned = set(test)
+        val = sorted({where[n] for n in val_list if n in where} - banned)
+        rest = sorted(set(train) - set(val))
+        unmatched = len([n for n in val_list if n not in where])
+        if not val or not rest:
+            raise EvaluationError(f"the validation list leaves {len(rest)} training and "
+                                  f"{len(val)} validation samples (names must match the data "
+                                  f"set's sample names and not be test samples; {unmatched} "
+                                  f"did not match)")
+        return rest, val, {"source": "validation list", "val": len(val), "train": len(rest),
+                           "unmatched_val_names": unmatched}
+    if not 0.0 < fraction < 1.0:
+        raise EvaluationError(f"--val-fraction must be in (0, 1), got {fraction}")
+    if len(train) < 2:
+        raise EvaluationError(f"need at least 2 training samples to hold out a validation "
+                              f"split, found {len(train)}")
+    # stream [seed, 1]: independent of the test split's default_rng(seed)
+    order = np.random.default_rng([seed, 1]).permutation(len(train))
+    n_val = min(max(1, round(fraction * len(train))), len(train) - 1)
+    val = sorted(train[i] for i in order[:n_val])
+    rest = sorted(train[i] for i in order[n_val:])
+    return rest, val, {"source": f"seeded {fraction:.0%} of the training split (seed {seed})",
+                       "val": len(val), "train": len(rest), "val_ids": [ids[i] for i in val]}
+
+
+# --------------------------------------------------------------------------- augmentation
+# Written here in torch (no timm/torchvision dependency) with the semantics of the timm /
+# torchvision versions the official code uses; each function draws from an explicit
+# generator (or torch's global one where noted) so runs are reproducible.
+
+#: RandomResizedCrop area fraction and aspect (w / h) ranges (official ``util/datasets.py``
+#: L120: ``scale=(0.2, 1.0)``; ratio: torchvision's default ``(3/4, 4/3)``).
+RRC_SCALE = (0.2, 1.0)
+RRC_RATIO = (3 / 4, 4 / 3)
+#: timm ``RandomErasing`` defaults (``min_area``, ``max_area``; ``min_aspect``, 1 / it).
+ERASE_AREA = (0.02, 1 / 3)
+ERASE_ASPECT = (0.3, 1 / 0.3)
+_TRIES = 10  # attempts to fit a box (torchvision RRC and timm RandomErasing both use 10)
+
+
+def _uniform(lo: float, hi: float, generator: torch.Generator | None) -> float:
+    return lo + (hi - lo) * torch.rand(1, generator=generator).item()
+
+
+def _randint(lo: int, hi: int, generator: torch.Generator | None) -> int:
+    """Uniform integer in ``[lo, hi]`` (inclusive)."""
+    return int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+
+
+def rrc_box(h: int, w: int, generator: torch.Generator | None = None,
+            scale: tuple[float, float] = RRC_SCALE,
+            ratio: tuple[float, float] = RRC_RATIO) -> tuple[int, int, int, int]:
+    """torchvision ``RandomResizedCrop.get_params``: ``(top, left, height, width)`` of a box
+    of ``U(scale)`` of the ``h x w`` area with ``width / height`` log-uniform in ``ratio``;
+    after 10 misses, the largest centred box with an aspect inside ``ratio``."""
+    area = h * w
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(_TRIES):
+        target = area * _uniform(scale[0], scale[1], generator)
+        aspect = math.exp(_uniform(log_ratio[0], log_ratio[1], generator))
+        cw = int(round(math.sqrt(target * aspect)))
+        ch = int(round(math.sqrt(target / aspect)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return _randint(0, h - ch, generator), _randint(0, w - cw, generator), ch, cw
+    in_ratio = w / h
+    if in_ratio < min(ratio):
+        cw, ch = w, int(round(w / min(ratio)))
+    elif in_ratio > max(ratio):
+        ch, cw = h, int(round(h * max(ratio)))
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def random_resized_crop(img: Tensor, size: int, generator: torch.Generator | None = None
+                        ) -> Tensor:
+    """``[..., C, H, W]`` -> ``[..., C, size, size]``: crop :func:`rrc_box` (the same box for
+    every band and date) and resize it bicubically, as the official training transform
+    (``util/datasets.py`` L120; there applied after normalisation, as here)."""
+    h, w = img.shape[-2:]
+    top, left, ch, cw = rrc_box(h, w, generator)
+    crop = img[..., top:top + ch, left:left + cw]
+    flat = crop.reshape(1, -1, ch, cw).float()  # bands (and dates) as channels
+    out = F.interpolate(flat, size=(size, size), mode="bicubic", align_corners=False)
+    return out.reshape(*img.shape[:-2], size, size).to(img.dtype)
+
+
+def erase_box(h: int, w: int, generator: torch.Generator | None = None
+              ) -> tuple[int, int, int, int] | None:
+    """timm ``RandomErasing`` box ``(top, left, height, width)``: area ``U(ERASE_AREA)`` of
+    ``h x w``, ``height / width`` log-uniform in ``ERASE_ASPECT``, 10 tries to fit strictly
+    inside the image; None when none fits."""
+    log_aspect = (math.log(ERASE_ASPECT[0]), math.log(ERASE_ASPECT[1]))
+    for _ in range(_TRIES):
+        target = _uniform(ERASE_AREA[0], ERASE_AREA[1], generator) * h * w
+        aspect = math.exp(_uniform(log_aspect[0], log_aspect[1], generator))
+        eh = int(round(math.sqrt(target * aspect)))
+        ew = int(round(math.sqrt(target / aspect)))
+        if ew < w and eh < h:
+            return _randint(0, h - eh, generator), _randint(0, w - ew, generator), eh, ew
+    return None
+
+
+def random_erase(x: Tensor, prob: float, generator: torch.Generator
+                 ) -> tuple[Tensor, list[tuple[int, int, int, int] | None]]:
+    """Per-sample random erasing of a normalised batch ``[B, ..., H, W]`` (timm
+    ``RandomErasing(probability=prob, mode="pixel")``): each sample, with probability
+    ``prob``, gets one :func:`erase_box` filled with ``N(0, 1)`` values per pixel, band and
+    date. Returns a new tensor and the boxes (None: sample untouched)."""
+    out = x.clone()
+    boxes: list[tuple[int, int, int, int] | None] = []
+    h, w = x.shape[-2:]
+    for i in range(x.shape[0]):
+        box = erase_box(h, w, generator) if torch.rand(1, generator=generator).item() < prob \
+            else None
+        if box is not None:
+            top, left, eh, ew = box
+            region = out[i, ..., top:top + eh, left:left + ew]
+            out[i, ..., top:top + eh, left:left + ew] = torch.randn(
+                region.shape, generator=generator).to(region)
+        boxes.append(box)
+    return out, boxes
+
+
+def soft_targets(y: Tensor, num_classes: int, smoothing: float = 0.0) -> Tensor:
+    """``[B]`` class indices -> ``[B, C]`` soft targets: ``1 - s + s / C`` on the label,
+    ``s / C`` elsewhere (timm ``mixup_target``'s one-hot with label smoothing)."""
+    off = smoothing / num_classes
+    out = torch.full((y.shape[0], num_classes), off, dtype=torch.float32, device=y.device)
+    return out.scatter_(1, y.long().view(-1, 1), 1.0 - smoothing + off)
+
+
+def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """Mean over the batch of ``-sum_c target_c log softmax(logits)_c`` (timm
+    ``SoftTargetCrossEntropy``, the official criterion, ``main_finetune.py`` L352/L361)."""
+    return -(target * F.log_softmax(logits.float(), dim=-1)).sum(-1).mean()
+
+
+@dataclass(frozen=True)
+class Mix:
+    """What :func:`mix_batch` did to one batch."""
+
+    mode: str
+    """``mixup`` or ``cutmix``."""
+    lam: float
+    """Weight of each sample's own image and target (CutMix: 1 - box area / image area)."""
+    box: tuple[int, int, int, int] | None = None
+    """CutMix ``(y_low, y_high, x_low, x_high)``, pixels ``[y_low, y_high) x [x_low, x_high)``."""
+
+
+def cutmix_box(h: int, w: int, lam: float, rng: np.random.Generator
+               ) -> tuple[int, int, int, int]:
+    """timm ``rand_bbox``: a ``int(h sqrt(1 - lam)) x int(w sqrt(1 - lam))`` box centred at a
+    uniform pixel, clipped to the image: ``(y_low, y_high, x_low, x_high)``."""
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(rng.integers(0, h)), int(rng.integers(0, w))
+    return (min(max(cy - ch // 2, 0), h), min(max(cy + ch // 2, 0), h),
+            min(max(cx - cw // 2, 0), w), min(max(cx + cw // 2, 0), w))
+
+
+def mix_batch(x: Tensor, target: Tensor, mixup: float, cutmix: float,
+              rng: np.random.Generator, switch_prob: float = 0.5) -> tuple[Tensor, Tensor, Mix]:
+    """timm ``Mixup`` (mode ``batch``, prob 1, ``correct_lam``) on ``x [B, ..., H, W]`` and soft
+    targets ``[B, C]``; every sample is mixed with its mirror ``B - 1 - i`` in the batch (an
+    odd batch's middle sample with itself; timm asserts even batches, the official loader
+    drops the last one, ``main_finetune.py`` L239).
+
+    Per batch: CutMix with probability ``switch_prob`` when both alphas are > 0 (the only
+    one that is > 0 otherwise), ``lam ~ Beta(alpha, alpha)`` of the chosen one. Mixup blends
+    the images with ``lam``; CutMix pastes the mirror's :func:`cutmix_box` and recomputes
+    ``lam`` as the kept area fraction. Targets: ``lam t + (1 - lam) t.flip(0)``.
+    """
+    if mixup <= 0 and cutmix <= 0:
+        raise ValueError("mix_batch needs mixup or cutmix > 0")
+    use_cutmix = cutmix > 0 and (mixup <= 0 or rng.random() < switch_prob)
+    alpha = cutmix if use_cutmix else mixup
+    lam = float(rng.beta(alpha, alpha))
+    partner = x.flip(0)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        box = cutmix_box(h, w, lam, rng)
+        y0, y1, x0, x1 = box
+        out = x.clone()
+        out[..., y0:y1, x0:x1] = partner[..., y0:y1, x0:x1]
+        lam = 1.0 - (y1 - y0) * (x1 - x0) / float(h * w)
+        mix = Mix("cutmix", lam, box)
+    else:
+        out = x * lam + partner * (1.0 - lam)
+        mix = Mix("mixup", lam)
+    return out, target * lam + target.flip(0) * (1.0 - lam), mix
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -115,21 +406,30 @@ def _prepare(img: np.ndarray, norm: Normalisation, size: int | None) -> Tensor:
 
 
 class _Images(torch.utils.data.Dataset[tuple[Tensor, int]]):
+    """Normalised images resized to ``size`` (``crop``: :func:`random_resized_crop` of the
+    native-size image instead, drawing from torch's global generator, which the DataLoader
+    seeds per worker from its own generator)."""
+
     def __init__(self, load: Callable[[int], np.ndarray], indices: Sequence[int],
-                 norm: Normalisation, size: int) -> None:
+                 norm: Normalisation, size: int, crop: bool = False) -> None:
         self.load, self.indices, self.norm, self.size = load, list(indices), norm, size
+        self.crop = crop
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        if self.crop:
+            x = normalise(torch.from_numpy(self.load(self.indices[i])), self.norm)
+            return random_resized_crop(x, self.size), i
         return _prepare(self.load(self.indices[i]), self.norm, self.size), i
 
 
 def _loader(data: ClassificationData, indices: Sequence[int], norm: Normalisation, size: int,
-            s: TrainSettings, *, shuffle: bool, epoch: int = 0) -> torch.utils.data.DataLoader:
+            s: TrainSettings, *, shuffle: bool, epoch: int = 0,
+            crop: bool = False) -> torch.utils.data.DataLoader:
     g = torch.Generator().manual_seed(s.seed * 1000 + epoch)
-    return torch.utils.data.DataLoader(_Images(data.load, indices, norm, size),
+    return torch.utils.data.DataLoader(_Images(data.load, indices, norm, size, crop),
                                        batch_size=s.batch_size, shuffle=shuffle, generator=g,
                                        num_workers=s.workers)
 
@@ -145,7 +445,7 @@ def _schedule(optimizer: torch.optim.Optimizer, step: int, total: int, warmup: i
 
 
 def _optimizer(model: nn.Module, s: TrainSettings, layer_decay: float) -> torch.optim.Optimizer:
-    groups = param_groups_lrd(model, s.lr, s.weight_decay, layer_decay)
+    groups = param_groups_lrd(model, s.lr, s.weight_decay, layer_decay, pos_lr=s.pos_lr)
     for g in groups:
         g["initial_lr"] = g["lr"]
     return torch.optim.AdamW(groups, lr=s.lr, betas=(0.9, 0.999))
@@ -216,10 +516,131 @@ def _knn(train_f: Tensor, train_y: Tensor, test_f: Tensor, s: TrainSettings,
     return torch.cat(out).numpy()
 
 
+#: Validation score of ``--select best-val`` (higher is better): OA, or for multi-label the
+#: micro mAP (the official BigEarthNet script logs a batch-averaged micro AP, L141-154).
+VAL_METRIC = {False: "overall_accuracy", True: "map_micro"}
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, data: ClassificationData, indices: Sequence[int],
+                   norm: Normalisation, size: int, s: TrainSettings) -> Tensor:
+    """Logits ``[N, C]`` (float32, CPU) of ``model`` in eval mode on ``indices`` (resized, no
+    augmentation). Leaves the model in eval mode."""
+    model.eval()
+    return torch.cat([model(x.to(s.device)).float().cpu() for x, _ in
+                      _loader(data, indices, norm, size, s, shuffle=False)])
+
+
+def validation_score(model: nn.Module, data: ClassificationData, val: Sequence[int],
+                     norm: Normalisation, size: int, s: TrainSettings) -> float:
+    """:data:`VAL_METRIC` of ``model`` on the validation indices (NaN counts as -inf)."""
+    y = np.asarray(data.targets)[list(val)]
+    scores = classification_scores(data, y, predict_logits(model, data, val, norm, size, s)
+                                    .numpy())
+    value = float(scores[VAL_METRIC[data.multilabel]])
+    return -math.inf if math.isnan(value) else value
+
+
+def _finetune_classifier(encoder: Encoder, data: ClassificationData, train: list[int],
+                         val: list[int] | None, norm: Normalisation, size: int,
+                         s: TrainSettings) -> tuple[Classifier, dict[str, Any]]:
+    """Fine-tune ``Classifier(encoder)`` with the recipe of ``s``; returns the model holding
+    the selected epoch's weights and the training record."""
+    nc = len(data.class_names)
+    y_train = torch.as_tensor(data.targets)[train]
+    model = Classifier(encoder, nc, probe=False).to(s.device)
+    rates = set_drop_path(encoder.blocks, s.drop_path)
+    opt = _optimizer(model, s, s.layer_decay)
+    steps = math.ceil(len(train) / s.batch_size)
+    total, warmup = s.epochs * steps, int(s.warmup_epochs * steps)
+    # Mixing and smoothing need single-label targets; the official BigEarthNet engine skips
+    # mixup_fn (engine_finetune_BE.py L54-55) and keeps its multi-label loss.
+    skipped = [name for name, v in (("mixup", s.mixup), ("cutmix", s.cutmix),
+                                    ("smoothing", s.smoothing)) if v > 0 and data.multilabel]
+    if skipped:
+        logger.warning("%s skipped: multi-label targets (as the official BigEarthNet "
+                       "fine-tuning)", ", ".join(skipped))
+    mixing = not data.multilabel and (s.mixup > 0 or s.cutmix > 0)
+    soft = mixing or (not data.multilabel and s.smoothing > 0)
+    smoothing = 0.0 if data.multilabel else s.smoothing
+    # Own streams for the recipe's draws: with every option off, the global RNG sees the
+    # same draws as before these options existed (same flips, same results).
+    mix_rng = np.random.default_rng([s.seed, 2])
+    erase_gen = torch.Generator().manual_seed(int(np.random.SeedSequence([s.seed, 3])
+                                                  .generate_state(1)[0]))
+    if s.selection not in SELECTIONS:
+        raise EvaluationError(f"selection {s.selection!r}: use one of {', '.join(SELECTIONS)}")
+    if s.selection == "best-val" and not val:
+        raise EvaluationError("--select best-val needs a validation split")
+    history: list[float] = []
+    val_curve: list[float] = []
+    best: tuple[float, int, dict[str, Tensor]] | None = None
+    mixes = {"mixup": 0, "cutmix": 0}
+    erased = 0
+    for epoch in range(s.epochs):
+        model.train()
+        running = 0.0
+        for i, (x, j) in enumerate(_loader(data, train, norm, size, s, shuffle=True,
+                                           epoch=epoch, crop=s.rrc)):
+            _schedule(opt, epoch * steps + i, total, warmup)
+            x = x.to(s.device)
+            flip = torch.rand(x.shape[0], device=s.device) < 0.5
+            x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
+            if s.reprob > 0:  # timm order: after flip (and normalisation), before mixing
+                x, boxes = random_erase(x, s.reprob, erase_gen)
+                erased += sum(b is not None for b in boxes)
+            y = y_train[j].to(s.device)
+            if soft:
+                target = soft_targets(y, nc, smoothing)
+                if mixing:
+                    x, target, mix = mix_batch(x, target, s.mixup, s.cutmix, mix_rng,
+                                               s.mixup_switch_prob)
+                    mixes[mix.mode] += 1
+                loss = soft_cross_entropy(model(x), target)
+            else:
+                loss = _loss(model(x), y, data.multilabel)
+            _check_finite(loss, epoch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            running += loss.item() * x.shape[0]
+        history.append(running / len(train))
+        if s.selection == "best-val":
+            assert val is not None
+            score = validation_score(model, data, val, norm, size, s)
+            val_curve.append(score)
+            if best is None or score > best[0]:  # first best epoch on ties
+                best = (score, epoch, {k: v.detach().clone() for k, v in
+                                       model.state_dict().items()})
+            logger.info("epoch %d/%d loss %.4f val %s %.4f", epoch + 1, s.epochs, history[-1],
+                        VAL_METRIC[data.multilabel], score)
+        else:
+            logger.info("epoch %d/%d loss %.4f", epoch + 1, s.epochs, history[-1])
+    record: dict[str, Any] = {"loss_per_epoch": history, "drop_path_rates": rates,
+                              "skipped_for_multilabel": skipped}
+    if mixing:
+        record["mixed_batches"] = mixes
+    if s.reprob > 0:
+        record["erased_samples"] = erased
+    if s.selection == "best-val" and best is not None:
+        model.load_state_dict(best[2])
+        record["selection"] = {"mode": "best-val", "epoch": best[1] + 1,
+                               "metric": VAL_METRIC[data.multilabel],
+                               "val_score": best[0], "val_per_epoch": val_curve,
+                               "val_samples": len(val or [])}
+    else:
+        record["selection"] = {"mode": "last", "epoch": s.epochs}
+    return model, record
+
+
 def run_classification(encoder: Encoder, data: ClassificationData, train: list[int],
                        test: list[int], norm: Normalisation, size: int, protocol: str,
-                       s: TrainSettings) -> dict[str, Any]:
-    """One classification protocol end to end; returns metrics and training details."""
+                       s: TrainSettings, val: list[int] | None = None) -> dict[str, Any]:
+    """One classification protocol end to end; returns metrics and training details.
+
+    ``val`` (indices disjoint from ``train`` and ``test``) is scored after every epoch of
+    ``finetune`` with ``s.selection == "best-val"``; ignored otherwise.
+    """
     torch.manual_seed(s.seed)
     nc = len(data.class_names)
     y = torch.as_tensor(data.targets)
@@ -268,31 +689,10 @@ def run_classification(encoder: Encoder, data: ClassificationData, train: list[i
         with torch.no_grad():
             scores = head(f_test).numpy()
     elif protocol == "finetune":
-        model = Classifier(encoder, nc, probe=False).to(s.device)
-        opt = _optimizer(model, s, s.layer_decay)
-        steps = math.ceil(len(train) / s.batch_size)
-        total, warmup = s.epochs * steps, int(s.warmup_epochs * steps)
-        for epoch in range(s.epochs):
-            model.train()
-            running = 0.0
-            for i, (x, j) in enumerate(_loader(data, train, norm, size, s, shuffle=True,
-                                               epoch=epoch)):
-                _schedule(opt, epoch * steps + i, total, warmup)
-                x = x.to(s.device)
-                flip = torch.rand(x.shape[0], device=s.device) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                loss = _loss(model(x), y_train[j].to(s.device), data.multilabel)
-                _check_finite(loss, epoch)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                running += loss.item() * x.shape[0]
-            history.append(running / len(train))
-            logger.info("epoch %d/%d loss %.4f", epoch + 1, s.epochs, history[-1])
-        model.eval()
-        with torch.no_grad():
-            scores = torch.cat([model(x.to(s.device)).float().cpu() for x, _ in
-                                _loader(data, test, norm, size, s, shuffle=False)]).numpy()
+        model, record = _finetune_classifier(encoder, data, train, val, norm, size, s)
+        scores = predict_logits(model, data, test, norm, size, s).numpy()
+        return {"metrics": classification_scores(data, y_test.numpy(), scores),
+                "training": {**record, "seconds": time.perf_counter() - t0}}
     else:
         raise EvaluationError(f"unknown protocol '{protocol}' for classification")
     return {"metrics": classification_scores(data, y_test.numpy(), scores),
@@ -351,6 +751,7 @@ def _train_dense(model: nn.Module, images: list[Tensor], masks: list[Tensor], si
     elif protocol != "finetune":
         raise EvaluationError(f"protocol '{protocol}' is not available for dense tasks "
                               f"(linear or finetune)")
+    set_drop_path(encoder.blocks, s.drop_path if protocol == "finetune" else 0.0)
     opt = _optimizer(model, s, s.layer_decay if protocol == "finetune" else 1.0)
     rng = np.random.default_rng(s.seed)
     shapes = [tuple(m.shape[-2:]) for m in masks]

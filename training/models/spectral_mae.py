@@ -110,19 +110,54 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block (official ``video_vit.Block``; drop-path is 0 in pretraining)."""
+def drop_path(x: Tensor, rate: float, training: bool) -> Tensor:
+    """Stochastic depth on a residual branch ``[B, ...]``: each sample's branch is zeroed with
+    probability ``rate`` and kept ones are scaled by ``1 / (1 - rate)`` so the expectation is
+    unchanged (timm ``drop_path``, which the official ``util/video_vit.py`` L9/L220 imports).
+    The identity in eval mode or at rate 0 (no random numbers are drawn then)."""
+    if rate <= 0.0 or not training:
+        return x
+    keep = 1.0 - rate
+    mask = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device) < keep
+    return x * mask.to(x.dtype) / keep
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float) -> None:
+
+class Block(nn.Module):
+    """Pre-norm transformer block (official ``video_vit.Block``).
+
+    ``drop_path`` is the stochastic-depth rate of both residual branches (independent draws,
+    official ``video_vit.py`` L231-232); 0 in pretraining (the official MAE builds no
+    ``DropPath`` there) and by default. A plain float, not a module: the state-dict keys are
+    the official ones whatever the rate. Set the per-depth rates of a built model with
+    :func:`set_drop_path`.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float = 0.0) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=LN_EPS)
         self.attn = Attention(dim, num_heads)
         self.norm2 = nn.LayerNorm(dim, eps=LN_EPS)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.drop_path = float(drop_path)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + drop_path(self.attn(self.norm1(x)), self.drop_path, self.training)
+        return x + drop_path(self.mlp(self.norm2(x)), self.drop_path, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_path={self.drop_path:g}" if self.drop_path else ""
+
+
+def set_drop_path(blocks: nn.ModuleList | list[Block], rate: float) -> list[float]:
+    """Give ``blocks`` the stochastic-depth rates ``linspace(0, rate, depth)`` (the first block
+    0, the last ``rate``; MAE/timm ``drop_path_rate``, official ``models_vit_tensor.py`` L84-86)
+    and return them. ``rate`` 0 turns drop-path off everywhere."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"drop-path rate {rate} is outside [0, 1)")
+    rates = torch.linspace(0.0, rate, len(blocks)).tolist()
+    for blk, r in zip(blocks, rates):
+        blk.drop_path = float(r)
+    return rates
 
 
 def sincos(pos: Tensor, dim: int) -> Tensor:
