@@ -7,6 +7,8 @@ BigEarthNet code averages a micro-AP computed per evaluation batch (torchmetrics
 average precision of anything. Here AP is computed once over all samples. Likewise the
 official OSCD code counts TP/FP/FN on ~50% overlapping crops (pixels counted up to four
 times); change scores here come from counts accumulated over full images, each pixel once.
+:func:`official_crop_change_scores` reproduces the official crop counting for comparison
+with the published numbers (:func:`oscd_change_scores` gives both).
 
 Definitions follow scikit-learn so numbers are comparable with the literature:
 
@@ -21,6 +23,8 @@ Definitions follow scikit-learn so numbers are comparable with the literature:
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +39,9 @@ __all__ = [
     "mean_iou",
     "multilabel_f1",
     "multilabel_map",
+    "official_crop_change_scores",
+    "oscd_change_scores",
+    "oscd_crop_corners",
     "overall_accuracy",
     "segmentation_scores",
 ]
@@ -196,7 +203,126 @@ def change_scores(tp: int, fp: int, fn: int, tn: int | None = None) -> dict[str,
     }
     if tn is not None:
         out["tn"] = tn
-        out["overall_accuracy"] = (tp + tn) / (tp + fp + fn + tn)
+        total = tp + fp + fn + tn
+        out["overall_accuracy"] = (tp + tn) / total if total else float("nan")
         cm = np.array([[tn, fp], [fn, tp]])
         out["iou_change"] = float(iou_per_class(cm)[1])
     return out
+
+
+# --------------------------------------------------------------------------- OSCD official crops
+
+#: The official OSCD test crops: 128 px, stride int(128 / 2) - 1 = 63, batch 32 with
+#: ``drop_last=True`` (``downstream_tasks/OSCD/train.py`` L43-48, L116-117).
+OSCD_CROP, OSCD_STRIDE, OSCD_BATCH = 128, 63, 32
+
+
+def oscd_crop_corners(h: int, w: int, size: int = OSCD_CROP,
+                      stride: int = OSCD_STRIDE) -> list[tuple[int, int]]:
+    """Top-left ``(row, col)`` of the official crops of an ``h x w`` image, in official order.
+
+    As ``ChangeDetectionDataset.__init__`` builds them (``downstream_tasks/OSCD/dataset.py``
+    L252-268): ``n1 = ceil((h - size + 1) / stride)`` rows of crops at ``0, stride, ...``,
+    likewise ``n2`` columns, row-major (row index outer). Every crop lies fully inside the
+    image; there is no padding, so the last ``(h - size) % stride`` rows (and columns) are in
+    no crop and never scored. An image smaller than ``size`` has no crop.
+    """
+    n1 = max(0, math.ceil((h - size + 1) / stride))
+    n2 = max(0, math.ceil((w - size + 1) / stride))
+    return [(stride * i, stride * j) for i in range(n1) for j in range(n2)]
+
+
+def official_crop_change_scores(masks: Sequence[ArrayLike], predictions: Sequence[ArrayLike], *,
+                                size: int = OSCD_CROP, stride: int = OSCD_STRIDE,
+                                batch_size: int = OSCD_BATCH,
+                                drop_last: bool = True) -> dict[str, Any]:
+    """Change precision/recall/F1 as the official SpectralGPT OSCD test loop counts them.
+
+    The official ``test()`` (``downstream_tasks/OSCD/train.py`` L442-536) sums TP/FP/FN/TN of
+    the change class over every pixel of every test crop (:func:`oscd_crop_corners`), so a
+    pixel is counted once per crop that covers it (up to 4 times with stride 63 < 128/2),
+    border strips no crop reaches are not counted, and with ``drop_last=True`` (L117) the
+    final incomplete batch of the crop sequence - the last ``n_crops % batch_size`` crops of
+    the last test image, images taken in the order of ``test.txt`` (``dataset.py`` L227,
+    ``shuffle=False``) - is not counted at all.
+
+    Args:
+        masks: per test image, in ``test.txt`` order, the ``[H, W]`` ground truth (nonzero =
+            change; the official code reads ``cm.png != 0``, ``dataset.py`` L179).
+        predictions: per image, either a full ``[H, W]`` predicted change map (nonzero =
+            change; each crop's prediction is cut from it), or ``[n_crops, size, size]`` - one
+            prediction per crop in :func:`oscd_crop_corners` order, as the official model
+            makes them (overlapping crops may then disagree on a pixel).
+        size, stride: crop size and stride in pixels (official 128, 63).
+        batch_size, drop_last: the test loader's batch size and whether the final incomplete
+            batch is dropped (official 32, True). ``drop_last=False`` counts every crop.
+
+    Returns:
+        :func:`change_scores` of the counts (precision, recall, f1, tp, fp, fn, tn,
+        overall_accuracy, iou_change) plus ``crops`` (counted), ``crops_dropped`` and the
+        ``protocol`` settings.
+    """
+    if len(masks) != len(predictions):
+        raise ValueError(f"{len(masks)} masks but {len(predictions)} predictions")
+    if size < 1 or stride < 1 or batch_size < 1:
+        raise ValueError("size, stride and batch_size must be positive")
+    corners = []
+    for k, (m, p) in enumerate(zip(masks, predictions)):
+        shape = np.shape(m)
+        if len(shape) != 2:
+            raise ValueError(f"mask {k} has shape {shape}; [H, W] expected")
+        corners.append(oscd_crop_corners(shape[0], shape[1], size, stride))
+        pshape = np.shape(p)
+        if pshape != shape and pshape != (len(corners[-1]), size, size):
+            raise ValueError(f"prediction {k} has shape {pshape}; expected the mask's {shape} "
+                             f"or one map per crop {(len(corners[-1]), size, size)}")
+    total = sum(len(c) for c in corners)
+    kept_total = total - total % batch_size if drop_last else total
+    tp = fp = fn = tn = 0
+    offset = 0
+    for m, p, cs in zip(masks, predictions, corners):
+        keep = cs[:max(0, min(len(cs), kept_total - offset))]
+        offset += len(cs)
+        if not keep:
+            continue
+        t = np.asarray(m) != 0
+        pred = np.asarray(p) != 0
+        if pred.ndim == 2:
+            # Coverage: how many counted crops hold each pixel; each pixel's outcome is then
+            # weighted by it (same sums as crop by crop, without cutting every crop).
+            cover = np.zeros(t.shape, np.int64)
+            for r, c in keep:
+                cover[r:r + size, c:c + size] += 1
+            tp += int(cover[t & pred].sum())
+            fp += int(cover[~t & pred].sum())
+            fn += int(cover[t & ~pred].sum())
+            tn += int(cover[~t & ~pred].sum())
+        else:
+            for (r, c), crop in zip(keep, pred):
+                gt = t[r:r + size, c:c + size]
+                tp += int((gt & crop).sum())
+                fp += int((~gt & crop).sum())
+                fn += int((gt & ~crop).sum())
+                tn += int((~gt & ~crop).sum())
+    out: dict[str, Any] = change_scores(tp, fp, fn, tn)
+    out.update(crops=kept_total, crops_dropped=total - kept_total,
+               protocol={"size": size, "stride": stride, "batch_size": batch_size,
+                         "drop_last": drop_last})
+    return out
+
+
+def oscd_change_scores(masks: Sequence[ArrayLike], predictions: Sequence[ArrayLike],
+                       **official: Any) -> dict[str, Any]:
+    """Both OSCD scores of full-image predictions ``[H, W]`` (in ``test.txt`` order).
+
+    Returns:
+        ``{"full_image": ...}`` - every pixel once, counts summed over images
+        (:func:`binary_counts`, :func:`change_scores`) - and ``{"official_crops": ...}``
+        (:func:`official_crop_change_scores` with ``official`` keyword arguments).
+    """
+    counts = np.zeros(4, np.int64)
+    for m, p in zip(masks, predictions, strict=True):
+        counts += binary_counts(np.asarray(m) != 0, np.asarray(p) != 0)
+    tp, fp, fn, tn = (int(x) for x in counts)
+    return {"full_image": change_scores(tp, fp, fn, tn),
+            "official_crops": official_crop_change_scores(masks, predictions, **official)}
