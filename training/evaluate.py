@@ -36,7 +36,7 @@ from training.errors import TrainingError
 
 logger = logging.getLogger("training.evaluate")
 
-TASKS = ("eurosat", "bigearthnet", "segmentation", "change")
+TASKS = ("eurosat", "bigearthnet", "segmentation", "segmunich", "change")
 PROTOCOLS = ("linear", "finetune", "knn")
 # Defaults per protocol: (epochs, lr, weight decay). Linear heads train on cached features,
 # so many cheap epochs; fine-tuning follows the official recipe's AdamW + wd 0.05.
@@ -102,6 +102,10 @@ def build_parser(prog: str = "python -m training.evaluate") -> argparse.Argument
                         "tile size); default: the checkpoint's")
     p.add_argument("--label-set", type=int, choices=(19, 43), default=19,
                    help="BigEarthNet nomenclature")
+    p.add_argument("--missing-bands", choices=("official", "official_positional", "error"),
+                   default="official",
+                   help="SegMunich's 2 absent bands: the official per-pixel band mean in their "
+                        "slots (by name), exactly the official tensor (by position), or refuse")
     p.add_argument("--split-file", default=None,
                    help="names of the evaluation samples (one per line / CSV first column); "
                         "the rest trains unless --train-file is given")
@@ -136,6 +140,7 @@ HEADLINE = {
     "change": [("f1", "change F1 %"), ("precision", "precision %"), ("recall", "recall %"),
                ("overall_accuracy", "OA %")],
 }
+HEADLINE["segmunich"] = HEADLINE["segmentation"]  # the paper's SegMunich mIoU includes background
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -229,7 +234,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from training.evaluation.errors import EvaluationError
     from training.evaluation.heads import Encoder
 
-    dense = args.task in ("segmentation", "change")
+    dense = args.task in ("segmentation", "segmunich", "change")
     if dense and args.protocol == "knn":
         raise EvaluationError(f"--protocol knn is for classification; {args.task} takes "
                               f"linear or finetune")
@@ -259,6 +264,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         data = readers.read_bigearthnet(data_dir, args.label_set)
     elif args.task == "segmentation":
         data = readers.read_segmentation(data_dir)
+    elif args.task == "segmunich":  # the official layout, label remap and band filler
+        data = readers.read_segmunich(data_dir, missing_bands=args.missing_bands)
     else:
         data = readers.read_oscd(data_dir)
     _probe(data)  # read one sample now: a missing band fails before any training
@@ -296,7 +303,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                 norm.mode, device)
     t0 = time.perf_counter()
     run = {"eurosat": tasks.run_classification, "bigearthnet": tasks.run_classification,
-           "segmentation": tasks.run_segmentation, "change": tasks.run_change}[args.task]
+           "segmentation": tasks.run_segmentation, "segmunich": tasks.run_segmentation,
+           "change": tasks.run_change}[args.task]
     if dense:
         out = run(encoder, data, train, test, norm, size, args.protocol, settings)
     else:

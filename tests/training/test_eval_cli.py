@@ -95,6 +95,18 @@ def test_change_detection_full_images(fx: dict[str, Path], tmp_path: Path) -> No
     assert result["split"]["source"] == "data set split files"
     assert list(m["per_city"]) == ["lasvegas"]
     assert m["tp"] + m["fp"] + m["fn"] + m["tn"] == 40 * 40  # one full image, each pixel once
+    # the published protocol's crop score beside ours: a 40 px city holds no 128 px crop
+    assert m["official_crops"]["crops"] == 0 and m["official_crops"]["protocol"]["stride"] == 63
+
+
+def test_segmunich_official_layout_through_the_cli(fx: dict[str, Path], tmp_path: Path) -> None:
+    from tests.training.test_official_readers import _write_segmunich
+
+    root = tmp_path / "TUM_128"
+    _write_segmunich(root)
+    result = _run({**fx, "segmunich": root}, tmp_path, "segmunich", "--epochs", "1", "--image-size", "16")
+    assert result["split"]["source"] == "data set split files"
+    assert result["split"]["test"] == 2 and len(result["metrics"]["iou_per_class"]) == 13
 
 
 @pytest.mark.parametrize("argv, message", [

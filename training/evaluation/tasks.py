@@ -864,13 +864,26 @@ def run_change(encoder: Encoder, data: ChangeData, train: list[int], test: list[
     model.eval()
     tp = fp = fn = tn = 0
     per_city = {}
+    full: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for i in test:
         pred = predict_full(forward, pair(i), size, s.batch_size, s.device)
-        c = metrics.binary_counts(data.load_mask(i), pred.numpy())
+        mask = data.load_mask(i)
+        c = metrics.binary_counts(mask, pred.numpy())
         per_city[data.ids[i]] = metrics.change_scores(*c)
         tp, fp, fn, tn = tp + c[0], fp + c[1], fn + c[2], tn + c[3]
+        full[i] = (mask, pred.numpy())
     scores = metrics.change_scores(tp, fp, fn, tn)
     scores["per_city"] = per_city
+    # Beside ours (every pixel of every full image once), the published protocol's score:
+    # 128 px crops, stride 63, over the test cities in test.txt order (cut from the same
+    # full-image predictions), with the official loader's drop_last (metrics.py)
+    listed = [data.ids.index(n) for n in data.split_files.get("test", []) if n in data.ids]
+    order = [i for i in listed if i in full] + [i for i in test if i not in listed]
+    try:
+        scores["official_crops"] = metrics.official_crop_change_scores(
+            [full[i][0] for i in order], [full[i][1] for i in order])
+    except ValueError as exc:  # e.g. a test image smaller than one crop
+        scores["official_crops"] = {"error": str(exc)}
     return {"metrics": scores,
             "training": {"loss_per_epoch": history, "class_weights": weight.tolist(),
                          "seconds": time.perf_counter() - t0}}
