@@ -81,6 +81,7 @@ def test_wheel_and_sdist_carry_the_run_time_files(dist: dict[str, Path]) -> None
     for required in ("catalogs/sentinel2.yaml", "catalogs/sources.yaml", "catalogs/aois/europe.geojson",
                      "catalogs/sample/catalog.json", "training/configs/tiny_cpu.yaml",
                      "training/configs/ds_zero2.json", "training/evaluation/bigearthnet_labels.yaml",
+                     "training/configs/eval/eurosat_finetune.yaml", "training/evaluation/segmunich_labels.yaml",
                      "pipeline/configs/europe_live.yaml", "spectralgpt/cli.py"):
         assert required in names, f"the wheel lacks {required}"
     sample_cogs = [n for n in names if n.startswith("catalogs/sample/") and n.endswith(".tif")]

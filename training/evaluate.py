@@ -32,9 +32,15 @@ from typing import Any, NoReturn
 
 import torch
 
+from spectralgpt.shipped import package_folder
+
 from training.errors import TrainingError
 
 logger = logging.getLogger("training.evaluate")
+
+#: Shipped evaluation configs, one per row of the paper (``--config eurosat_finetune``).
+EVAL_CONFIG_DIR = package_folder("training", "configs", "eval")
+
 
 TASKS = ("eurosat", "bigearthnet", "segmentation", "segmunich", "change")
 PROTOCOLS = ("linear", "finetune", "knn")
@@ -52,6 +58,10 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "python -m training.evaluate") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description=__doc__.split("\n\n")[0],
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None,
+                   help="YAML of these options (a file, or a shipped one: " +
+                        ", ".join(sorted(q.stem for q in EVAL_CONFIG_DIR.glob("*.yaml"))) +
+                        "); flags given here win")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--data", required=True, help="data set root directory")
     p.add_argument("--checkpoint", required=True,
@@ -314,6 +324,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     result = {
         "task": args.task, "protocol": args.protocol, "metrics": out["metrics"],
+        **({"paper": getattr(args, "paper", None), "config": Path(args.config).name}
+           if getattr(args, "config", None) else {}),
         "checkpoint": ckpt.describe(), "data": {"root": data_dir.resolve().name, **data.info,
                                                 "classes": data.class_names},
         "split": split, "normalisation": norm.describe(), "image_size": size,
@@ -354,9 +366,78 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+def load_eval_config(name: str, parser: argparse.ArgumentParser) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(flag defaults, paper reference)`` from an evaluation config: a YAML mapping of the
+    long option names (``batch_size`` or ``batch-size``) to values, plus an optional ``paper``
+    block (the published figure, recorded beside the result). Flags on the command line win.
+
+    Raises:
+        ConfigError: missing file, bad YAML, an unknown key or a value of the wrong type.
+    """
+    from pipeline.config import parse_config_yaml
+    from spectralgpt.shipped import find_config, shipped_names
+    from training.errors import ConfigError
+
+    path = find_config(name, EVAL_CONFIG_DIR)
+    if not path.is_file():
+        raise ConfigError(f"evaluation config '{name[:200]}' not found (shipped: "
+                          f"{shipped_names(EVAL_CONFIG_DIR)})")
+    try:
+        raw = parse_config_yaml(path.read_text()[: 1 << 20]) or {}
+    except ValueError as exc:
+        raise ConfigError(f"evaluation config '{path.name}' is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"evaluation config '{path.name}': expected a mapping of option names to values")
+    paper = raw.pop("paper", None)
+    actions = {a.dest: a for a in parser._actions if a.option_strings}  # noqa: SLF001 (argparse has no public map)
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            raise ConfigError(f"evaluation config '{path.name}': unknown option {str(key)[:60]!r}")
+        if isinstance(action, argparse._StoreTrueAction):  # noqa: SLF001
+            if not isinstance(value, bool):
+                raise ConfigError(f"evaluation config '{path.name}': {key} must be true or false")
+        elif value is not None:
+            try:
+                value = action.type(value) if action.type is not None else str(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"evaluation config '{path.name}': {key}={str(value)[:60]!r} is not "
+                                  f"a valid value") from None
+            if action.choices is not None and value not in action.choices:
+                raise ConfigError(f"evaluation config '{path.name}': {key}={value!r}: use one of "
+                                  f"{', '.join(map(str, action.choices))}")
+        values[dest] = value
+    return values, (paper if isinstance(paper, dict) else {})
+
+
+def parse_args(argv: list[str] | None, prog: str) -> argparse.Namespace:
+    """The flags, with an evaluation ``--config`` (if any) as their defaults."""
+    from training.errors import ConfigError
+
+    parser = build_parser(prog)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    paper: dict[str, Any] = {}
+    if known.config:
+        try:
+            values, paper = load_eval_config(known.config, parser)
+        except ConfigError as exc:
+            parser.exit(2, f"error: {exc}\n")
+        parser.set_defaults(**values)
+        for action in parser._actions:  # noqa: SLF001
+            if action.dest in values:
+                action.required = False
+    args = parser.parse_args(argv)
+    args.paper = paper
+    return args
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m training.evaluate") -> int:
     try:
-        args = build_parser(prog).parse_args(argv)
+        args = parse_args(argv, prog)
     except SystemExit as exc:  # --help, or a usage error already printed as one line
         return int(exc.code or 0)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",

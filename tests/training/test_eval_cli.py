@@ -206,3 +206,40 @@ def test_normalisation_from_manifest(fx: dict[str, Path], tmp_path: Path) -> Non
     assert checkpoints.normalise(x, norm)[1].allclose(torch.tensor(2.0))
     fallback = checkpoints.resolve_normalisation(ckpt)  # stats nowhere to be found
     assert fallback.mode == "per_image_minmax" and "fallback" in fallback.source
+
+
+@pytest.mark.parametrize("name", ["eurosat_finetune", "bigearthnet_finetune", "segmunich_finetune",
+                                  "oscd_finetune"])
+def test_shipped_paper_configs_parse_with_their_official_settings(name: str) -> None:
+    import yaml
+
+    from training.evaluate import EVAL_CONFIG_DIR, parse_args
+
+    raw = yaml.safe_load((EVAL_CONFIG_DIR / f"{name}.yaml").read_text())
+    args = parse_args(["--config", name, "--data", "d", "--checkpoint", "c", "--epochs", "3"], "prog")
+    assert args.epochs == 3  # a flag wins over the config
+    for key, value in raw.items():
+        if key not in ("paper", "epochs"):
+            assert getattr(args, key) == value, key
+    assert args.paper["value"] > 0 and args.paper["table"] in ("I", "II", "III", "IV")
+
+
+def test_a_config_run_records_the_paper_figure_and_bad_configs_are_one_line(
+        fx: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("task: eurosat\nprotocol: knn\nk: 3\npaper: {metric: overall_accuracy, value: 99.0}\n")
+    out = tmp_path / "out"
+    assert main(["--config", str(cfg), "--data", str(fx["eurosat"]), "--checkpoint", str(fx["safetensors"]),
+                 "--out", str(out), "--device", "cpu"]) == 0
+    result = json.loads((out / "eurosat-knn.json").read_text())
+    assert result["paper"]["value"] == 99.0 and result["config"] == "mine.yaml"
+    assert result["settings"]["k"] == 3
+    capsys.readouterr()
+    for text, needle in (("tasks: eurosat\n", "unknown option 'tasks'"), ("epochs: many\n", "not a valid value"),
+                         ("protocol: magic\n", "use one of"), ("- a\n", "expected a mapping")):
+        cfg.write_text(text)
+        assert main(["--config", str(cfg), "--data", "d", "--checkpoint", "c"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0], (text, err)
+    assert main(["--config", "no_such_config", "--data", "d", "--checkpoint", "c"]) == 2
+    assert "shipped: bigearthnet_finetune" in capsys.readouterr().err
