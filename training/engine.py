@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from training import checkpoint, report
+from training import checkpoint, flops, report
 from training.checkpoint import TrainerState
 from training.config import ModelConfig, RunConfig, StageConfig
 from training.data import DataPosition, track
@@ -153,6 +153,7 @@ def train_stage(ctx: StageContext) -> StageResult:
     metrics = report.MetricsWriter(ctx.run_dir / "metrics.jsonl", ctx.trackers) if ctx.rank == 0 else None
     if start >= total:
         return StageResult(state, stopped=False)
+    peak = _peak_flops(ctx) if ctx.rank == 0 else None
 
     batches = ctx.make_batches(ctx.position, (total - start) * ctx.accumulation)
     engine.train()
@@ -202,7 +203,8 @@ def train_stage(ctx: StageContext) -> StageResult:
         window["data_wait"] += data_wait
         done = step + 1
         if done % run.log_every == 0 or done == total:
-            _log(ctx, metrics, window, state, lr, tokens_per_sample, stage_t0, start)
+            _log(ctx, metrics, window, state, lr, tokens_per_sample, stage_t0, start, peak,
+                 ctx.world_size)
             window = dict.fromkeys(window, 0.0) | {"steps": 0}
         last_step = done == total
         stop = run.stop_at_step is not None and global_step >= run.stop_at_step
@@ -221,10 +223,41 @@ def train_stage(ctx: StageContext) -> StageResult:
                        and state.global_step >= run.stop_at_step)
 
 
+def _peak_flops(ctx: StageContext) -> float | None:
+    """Rank 0, at the start of a stage: the peak FLOP/s of one device for the MFU
+    (:func:`training.flops.peak_flops`: the override, or the exact CUDA device name), None
+    when unknown. Logs the model FLOPs per sample and where the peak came from."""
+    name = flops.device_name(ctx.device)
+    try:
+        peak = flops.peak_flops(name)
+    except ValueError as exc:  # a typo in the override must not stop a run: no MFU then
+        logger.warning("%s: MFU is not reported", exc)
+        peak = None
+    fwd = flops.forward_flops(ctx.model_cfg)
+    if peak is not None:
+        where = f"peak {peak / 1e12:.4g} TFLOP/s per device"
+    elif name is None:
+        where = f"MFU not reported on {ctx.device.type} (set {flops.PEAK_ENV} to get one)"
+    else:
+        where = (f"MFU not reported: no peak for {name!r} in training.flops.PEAK_BF16_FLOPS "
+                 f"(set {flops.PEAK_ENV}, TFLOP/s per device)")
+    logger.info("model FLOPs per sample: %.4g GFLOP forward (encoder on %d of %d tokens), "
+                "%.4g GFLOP per training step (3 x forward) | %s", fwd.total / 1e9,
+                flops.encoder_tokens(ctx.model_cfg), ctx.model_cfg.num_tokens,
+                3 * fwd.total / 1e9, where)
+    return peak
+
+
 def _log(ctx: StageContext, metrics: report.MetricsWriter | None, window: dict[str, float],
          state: TrainerState, lr: float, tokens_per_sample: int, stage_t0: float,
-         start: int) -> None:
-    """Rank 0: one JSON line and one human line with the ETA of stage and run."""
+         start: int, peak: float | None = None, devices: int = 1) -> None:
+    """Rank 0: one JSON line and one human line with the ETA of stage and run.
+
+    ``model_tflops`` is the model's FLOP/s per device (:mod:`training.flops`: matrix products
+    of forward + backward for the trained masking, the ``global_batch`` samples of all
+    ``devices`` over the step time, divided by ``devices``) in TFLOP/s; ``mfu`` that over
+    ``peak`` (FLOP/s of one device), None when the peak is unknown (a CPU, or a GPU not in
+    the table, without override)."""
     if metrics is None:
         return
     n = window["steps"]
@@ -242,15 +275,21 @@ def _log(ctx: StageContext, metrics: report.MetricsWriter | None, window: dict[s
         "samples_per_s": samples_per_s, "tokens_per_s": samples_per_s * tokens_per_sample,
         "step_time_s": step_time, "data_wait_s": window["data_wait"] / n,
         "grad_norm": _grad_norm(ctx.engine), "time": time.time(),
+        "model_tflops": flops.achieved_flops(step_time, ctx.global_batch, ctx.model_cfg,
+                                             devices=devices) / 1e12,
+        "mfu": flops.mfu(step_time, ctx.global_batch, ctx.model_cfg, peak, devices=devices),
     }
     if torch.cuda.is_available():
         record["max_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     metrics.write(record)
     logger.info("[%s] step %d/%d (run step %d) loss %.4f (token %.4f, spectral %.4f) lr %.3g "
-                "| %.1f samples/s %.0f tokens/s | step %.2fs data %.2fs | ETA stage %s run %s",
+                "| %.1f samples/s %.0f tokens/s | %.3g model TFLOP/s per device, MFU %s "
+                "| step %.2fs data %.2fs | ETA stage %s run %s",
                 ctx.stage.name, state.step_in_stage, ctx.schedule.total_steps, state.global_step,
                 record["loss"], record["loss_token"], record["loss_spectral"], lr,
-                samples_per_s, record["tokens_per_s"], step_time, record["data_wait_s"],
+                samples_per_s, record["tokens_per_s"], record["model_tflops"],
+                "unknown" if record["mfu"] is None else f"{record['mfu']:.1%}",
+                step_time, record["data_wait_s"],
                 _fmt_duration(avg * stage_left), _fmt_duration(avg * run_left))
 
 

@@ -83,7 +83,7 @@ SHARD_BANDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B
 NUMBER_KEYS = ("stage_step", "samples", "loss", "loss_token", "loss_spectral", "lr",
                "samples_per_s", "tokens_per_s", "step_time_s", "data_wait_s")
 #: Keys a loss record may leave out; when present they must be numbers too.
-OPTIONAL_NUMBER_KEYS = ("grad_norm", "max_mem_gib", "time")
+OPTIONAL_NUMBER_KEYS = ("grad_norm", "max_mem_gib", "time", "model_tflops", "mfu")
 #: Integer keys of a ``stage_start`` record and of ``trainer_state.json`` the page computes
 #: with; any other value there is dropped (shown as missing).
 START_INT_KEYS = ("steps", "resumed_at_stage_step", "stage_index", "warmup_steps",
@@ -558,24 +558,31 @@ def _throughput_section(run: Run, page: Page, png: Png | None) -> None:
         step_t = _median([r["step_time_s"] for r in recs])
         wait = _median([r["data_wait_s"] for r in recs])
         tokens = _median([r["tokens_per_s"] for r in recs])
+        mfu = _median([r.get("mfu") for r in recs])
         rows.append([stage, _median([r["samples_per_s"] for r in recs]),
                      None if tokens is None else round(tokens), step_t, wait,
                      f"{wait / step_t:.0%}" if wait is not None and step_t else None,
+                     _median([r.get("model_tflops") for r in recs]),
+                     None if mfu is None else f"{mfu:.1%}",
                      max((r["max_mem_gib"] for r in recs if r.get("max_mem_gib") is not None),
                          default=None)])
     head = ["stage", "samples / s", "tokens / s", "step time s", "data wait s", "wait share",
-            "max GPU memory GiB"]
-    if all(row[-1] is None for row in rows):  # CPU runs record no GPU memory
-        head, rows = head[:-1], [row[:-1] for row in rows]
+            "model TFLOP/s per device", "MFU", "max GPU memory GiB"]
+    # Columns no stage has a value for are left out: GPU memory on CPU runs, the model
+    # TFLOP/s in runs logged before they were recorded, the MFU where the peak is unknown.
+    keep = [i for i in range(len(head)) if i < 6 or any(row[i] is not None for row in rows)]
+    head, rows = [head[i] for i in keep], [[row[i] for i in keep] for row in rows]
     caption = ("Per log interval, all processes together. Tokens per second count every 3D token "
-               "of a sample (visible and masked). The orange area is the part of a step spent "
-               "waiting for the next batch: when it approaches the step time, the data loader, "
-               "not the model, limits the run.")
+               "of a sample (visible and masked). Model TFLOP/s: the matrix products of forward "
+               "and backward for the masking trained (training/flops.py), per device; MFU: that "
+               "over the device's dense bf16 peak, shown only where the peak is known. The "
+               "orange area is the part of a step spent waiting for the next batch: when it "
+               "approaches the step time, the data loader, not the model, limits the run.")
     page.section(
         "throughput", "Throughput",
         figure_html(png, alt="samples per second, tokens per second, step time and data wait",
                     max_css_width=MAX_WIDTH, caption=caption),
-        table(head, rows, caption="median per stage", numeric=(1, 2, 3, 4, 5, 6),
+        table(head, rows, caption="median per stage", numeric=tuple(range(1, len(head))),
               table_id="throughput-per-stage"),
         page_break=True,
     )

@@ -56,19 +56,66 @@ LN_EPS = 1e-6
 # --------------------------------------------------------------------------- building blocks
 
 
-class PatchEmbed3D(nn.Module):
-    """Tokeniser: one Conv3d with kernel = stride = (u bands, p, p) over a 1-channel volume.
+class PatchLinear3d(nn.Conv3d):
+    """A ``Conv3d`` with kernel = stride and no padding, computed as patchify + one ``F.linear``.
 
-    ``[B, 1, T, H, W] -> [B, G, L, D]`` (official ``video_vit.PatchEmbed``, L15-75).
+    Same parameters, names and shapes as the ``nn.Conv3d`` it replaces (``weight``
+    ``[D, C_in, kt, kh, kw]``, ``bias`` ``[D]``), and the same output layout
+    ``[B, D, T // kt, H // kh, W // kw]`` (a view of a channels-last result), so official
+    checkpoints load unchanged and a caller of ``proj(x)`` sees a convolution.
+
+    Why not ``F.conv3d``: a non-overlapping 3D convolution with one input channel is a plain
+    matrix product over patches, but cuDNN runs it in bf16 through a slow generic path
+    (issue #20 reports 11-18x slower than patchify + Linear); the linear form is one GEMM
+    ``[B*G*h*w, C_in*kt*kh*kw] x [C_in*kt*kh*kw, D]`` (cuBLAS, tensor cores in bf16).
+
+    Why a ``Conv3d`` subclass rather than ``F.linear`` on ``proj.weight`` in the parent: the
+    keys stay ``patch_embed.proj.weight`` / ``.bias`` with the conv's 5D shapes, and the
+    parameters are used inside their own module's ``forward``, where DeepSpeed ZeRO-3 gathers
+    partitioned parameters with its ordinary per-module hooks (a parent reaching into a
+    child's parameter relies on ZeRO-3's on-access fallback, ``ZeROOrderedDict``, instead).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int, int]) -> None:
+        super().__init__(in_channels, out_channels, kernel_size=kernel_size, stride=kernel_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``[B, C_in, T, H, W] -> [B, D, G, h, w]``, G = T // kt, h = H // kh, w = W // kw.
+
+        Trailing planes/rows/columns that do not fill a kernel are dropped, as the strided
+        convolution drops them.
+        """
+        if x.dim() != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input [B, {self.in_channels}, T, H, W], got {list(x.shape)}")
+        kt, kh, kw = self.kernel_size
+        b, c, t, hh, ww = x.shape
+        g, h, w = t // kt, hh // kh, ww // kw
+        x = x[:, :, : g * kt, : h * kh, : w * kw]  # a view; a no-op for the model's sizes
+        x = x.reshape(b, c, g, kt, h, kh, w, kw)
+        # [B, G, h, w, C_in, kt, kh, kw]: the value order of weight.flatten(1), i.e. the
+        # conv's (C_in, kt, kh, kw) = (1, u, p, p); this reshape is the one copy
+        patches = x.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, g, h, w, c * kt * kh * kw)
+        out = F.linear(patches, self.weight.flatten(1), self.bias)  # [B, G, h, w, D]
+        return out.permute(0, 4, 1, 2, 3)  # [B, D, G, h, w] (a view)
+
+
+class PatchEmbed3D(nn.Module):
+    """Tokeniser: a (u bands, p, p) kernel = stride 3D convolution over a 1-channel volume,
+    computed as patchify + one matrix product (:class:`PatchLinear3d`).
+
+    ``[B, 1, T, H, W] -> [B, G, L, D]`` (official ``video_vit.PatchEmbed``, L15-75; there a
+    ``Conv3d``). The parameters are ``proj.weight [D, 1, u, p, p]`` and ``proj.bias [D]`` as in
+    the official checkpoints.
     """
 
     def __init__(self, cfg: ModelConfig, embed_dim: int) -> None:
         super().__init__()
         kernel = (cfg.band_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(1, embed_dim, kernel_size=kernel, stride=kernel)
+        self.proj = PatchLinear3d(1, embed_dim, kernel)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.proj(x)  # [B, D, G, h, w]
+        x = self.proj(x)  # [B, D, G, h, w], a permuted view of a [B, G, h, w, D] tensor
+        # flatten (h, w) is a view, and the permute gives back the contiguous [B, G, h*w, D]
         return x.flatten(3).permute(0, 2, 3, 1)  # [B, G, L, D], L row-major over (h, w)
 
 
