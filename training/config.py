@@ -287,7 +287,10 @@ class RunConfig:
     environment variables). Off by default: nothing leaves the machine unless named here."""
     deepspeed_config: str = "ds_zero2.json"
     """DeepSpeed JSON: a path, or a file name in ``training/configs/`` (ds_zero1/2/3.json).
-    Batch size, accumulation, clipping and bf16 in it are overwritten from this config."""
+    Batch size, accumulation, clipping and bf16 in it are overwritten from this config; a bf16
+    run with ZeRO-2/3 also gets fp32 gradient accumulation (``data_types.grad_accum_dtype``)
+    unless the file sets it, and on the CPU accelerator ``overlap_comm`` is turned off
+    (``training.pretrain.deepspeed_config``)."""
     bf16: bool = True
     micro_batch: int = 16
     """Samples per process per forward pass (official: 16)."""
@@ -324,6 +327,11 @@ class RunConfig:
     stop_at_step: int | None = None
     """Save a checkpoint and stop once the global step reaches this value (time-boxed jobs,
     tests); ``--resume`` continues from there."""
+    allow_small_data: bool = False
+    """Start although a stage sized in epochs (``epochs`` or ``warmup_epochs``) has fewer
+    training samples than its global batch, i.e. less than one optimizer step per epoch
+    (refused otherwise, exit 2: ``base_gpu.yaml`` on a sample-sized dataset would "train"
+    its 200 epochs in a step or two). Stages sized in ``samples`` are never refused."""
 
     def __post_init__(self) -> None:
         if not self.stages:

@@ -56,6 +56,7 @@ if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     # DeepSpeed would probe for CUDA and warn; say what we mean before it is imported.
     os.environ["DS_ACCELERATOR"] = "cpu"
 
+from pipeline.config import show_value  # noqa: E402
 from training import checkpoint, report  # noqa: E402
 from training.checkpoint import TrainerState  # noqa: E402
 from training.config import ModelConfig, RunConfig, StageConfig, dump_config, load_config  # noqa: E402
@@ -226,23 +227,130 @@ def plan_stage(run: RunConfig, stage: StageConfig, shard_set: ShardSet | MixedSh
                      stage.blr * gb / 256)
 
 
-def deepspeed_config(run: RunConfig, plan: StagePlan, *, load_universal: bool) -> dict:
-    """The shipped ZeRO JSON with batch, accumulation, clipping and precision from the run."""
+#: ZeRO stages whose optimizer keeps fp32 gradient accumulation of a bf16 model in ZeRO's own
+#: checkpoint format. DeepSpeed 0.19 (``engine._do_optimizer_sanity_check``) hands bf16 + fp32
+#: accumulation at ZeRO-1 to its ``BF16_Optimizer``, whose checkpoints ``zero_to_fp32`` refuses
+#: ("is not a zero checkpoint"; training.export and the evaluation loader read checkpoints with
+#: it), and without ZeRO raises ``NotImplementedError`` for the mix.
+FP32_ACCUMULATION_ZERO_STAGES = (2, 3)
+
+
+def read_deepspeed_json(run: RunConfig) -> dict[str, Any]:
+    """The run's DeepSpeed JSON as a dict (one line on a file that is not valid JSON)."""
     path = run.deepspeed_config_path()
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"deepspeed_config '{path}' is not valid JSON: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"deepspeed_config '{path}' must hold a JSON object")
+    return cfg
+
+
+def zero_stage_of(cfg: dict[str, Any]) -> int | None:
+    """The ZeRO stage a DeepSpeed config asks for: 0 without ``zero_optimization``, None when
+    it is not a plain number (DeepSpeed's own validation then reports it)."""
+    zero = cfg.get("zero_optimization")
+    if zero is None:
+        return 0
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    return stage if isinstance(stage, int) and not isinstance(stage, bool) else None
+
+
+def deepspeed_config(run: RunConfig, plan: StagePlan, *, load_universal: bool,
+                     accelerator: str | None = None) -> dict:
+    """The shipped ZeRO JSON with batch, accumulation, clipping and precision from the run.
+
+    Besides the batch numbers, clipping and ``bf16.enabled``:
+
+    * a bf16 run at ZeRO-2/3 accumulates its micro-batch gradients in fp32
+      (``"data_types": {"grad_accum_dtype": "fp32"}``, unless the JSON names a dtype itself):
+      without it DeepSpeed sums them in the model dtype, bf16 (8 mantissa bits), over up to 32
+      micro-batches with ``base_gpu.yaml`` on one GPU. ZeRO-1 keeps bf16 accumulation (see
+      :data:`FP32_ACCUMULATION_ZERO_STAGES`; :func:`start_checks` warns).
+    * on the CPU accelerator ``zero_optimization.overlap_comm`` is set false: DeepSpeed's CPU
+      accelerator has no streams (``Stream()`` is None, ``stream()`` a no-op context:
+      ``deepspeed/accelerator/cpu_accelerator.py``), so nothing can overlap, and the overlap
+      path only adds a second reduce buffer. The shipped JSON files are set for CUDA (true).
+
+    Args:
+        accelerator: DeepSpeed's accelerator name (``cuda``, ``cpu``, ...); default the one
+            DeepSpeed selected (``get_accelerator().device_name()``).
+    """
+    cfg = read_deepspeed_json(run)
     cfg.update(train_micro_batch_size_per_gpu=plan.micro_batch,
                gradient_accumulation_steps=plan.accumulation,
                train_batch_size=plan.global_batch,
                gradient_clipping=float(run.grad_clip or 0.0))
     cfg["bf16"] = {"enabled": run.bf16}
+    if run.bf16 and zero_stage_of(cfg) in FP32_ACCUMULATION_ZERO_STAGES:
+        # DeepSpeed's key (runtime/constants.py DATA_TYPES / GRAD_ACCUM_DTYPE; default None =
+        # the model dtype); its ZeRO-2/3 optimizers then keep fp32 gradient partitions.
+        data_types = cfg.setdefault("data_types", {})
+        data_types.setdefault("grad_accum_dtype", "fp32")
+    if accelerator is None:
+        from deepspeed.accelerator import get_accelerator
+
+        accelerator = get_accelerator().device_name()
+    if accelerator == "cpu" and isinstance(cfg.get("zero_optimization"), dict):
+        cfg["zero_optimization"]["overlap_comm"] = False
     # Our AdamW groups are torch's; ZeRO accepts it with this flag.
     cfg["zero_allow_untested_optimizer"] = True
     if load_universal:
         cfg.setdefault("checkpoint", {})["load_universal"] = True
     return cfg
+
+
+def check_data_size(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet]) -> None:
+    """Refuse a stage sized in epochs whose data set is smaller than its global batch.
+
+    The rule: a stage with ``epochs`` or ``warmup_epochs`` needs at least ``global_batch``
+    training samples (at least one optimizer step per epoch), unless ``allow_small_data``.
+    Below that, an epoch is shorter than one step, every step repeats chips, and the epoch
+    counts of the recipe stop meaning passes (``base_gpu.yaml``'s 200 epochs of batch 4096
+    on the 7-chip sample set are 1 step). A stage sized in ``samples`` states its length
+    itself and is never refused (``tiny_cpu.yaml`` cycles the sample set on purpose).
+
+    Raises:
+        ConfigError: one line naming the stage, the data set, its size and the batch.
+    """
+    if run.allow_small_data:
+        return
+    for stage, shard_set in zip(run.stages, shard_sets):
+        if stage.epochs is None and stage.warmup_epochs is None:
+            continue
+        gb, have = run.global_batch_for(stage), shard_set.num_samples
+        if have >= gb:
+            continue
+        length = (f"{stage.epochs:g} epochs would be {math.ceil(stage.epochs * have / gb)} "
+                  f"step(s)" if stage.epochs is not None else
+                  f"{stage.warmup_epochs:g} warm-up epochs would be "
+                  f"{math.ceil((stage.warmup_epochs or 0) * have / gb)} step(s)")
+        samples = "training samples" if shard_set.split == "train" else \
+            f"samples in split {show_value(shard_set.split, 40)}"
+        raise ConfigError(
+            f"stage {show_value(stage.name, 80)}: data set {shard_set.dataset} has {have} "
+            f"{samples} but the global batch is {gb}: fewer than one step per epoch "
+            f"({length}); build a larger dataset (README, 'The pipeline': python -m "
+            f"pipeline.build_shards) or lower global_batch, or set allow_small_data: true to "
+            f"train on it anyway")
+
+
+def start_checks(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], *,
+                 rank: int) -> None:
+    """The checks of :func:`main` before any process group: data size, DeepSpeed JSON.
+
+    Raises:
+        ConfigError: see :func:`check_data_size` and :func:`read_deepspeed_json`.
+    """
+    check_data_size(run, shard_sets)
+    ds = read_deepspeed_json(run)
+    explicit = (ds.get("data_types") or {}).get("grad_accum_dtype")
+    if rank == 0 and run.bf16 and zero_stage_of(ds) == 1 and explicit is None:
+        logger.warning("bf16 with ZeRO-1 (%s): gradients accumulate over the micro-batches in "
+                       "bf16; fp32 accumulation would switch DeepSpeed to its BF16_Optimizer, "
+                       "whose checkpoints training.export cannot read. ds_zero2.json accumulates "
+                       "in fp32", run.deepspeed_config)
 
 
 def _log_derived(run: RunConfig, stage: StageConfig, index: int, plan: StagePlan,
@@ -612,7 +720,7 @@ def main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain
         shard_sets = [read_stage_data(run.manifest, [(d.name, d.weight) for d in run.stage_datasets(s)],
                                       s.split, run.model_for(s), version=run.dataset_version)
                       for s in run.stages]
-        run.deepspeed_config_path()
+        start_checks(run, shard_sets, rank=rank)
         return pretrain(run, shard_sets, args.resume,
                         allow_config_change=args.allow_config_change)
     except TrainingError as exc:
