@@ -687,10 +687,7 @@ def _embed_parts(cfg: EmbedConfig, ckpt: Checkpoint, pl: Plan, norm: Normalisati
             raise DiskFullError.at("embeddings", cfg.output, exc) from None
         raise EvaluationError(f"cannot write the embeddings to '{cfg.output}': {exc}") from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if base is not None:
-            with contextlib.suppress(OSError):
-                base.rmdir()  # only when no other run stages there
+        shutil.rmtree(scratch, ignore_errors=True)  # this rank's own; `.partial` itself goes in _finish
     return rows
 
 
@@ -751,7 +748,7 @@ def _finish(loc: Location, pl: Plan, identity: dict[str, Any], rows_now: int) ->
     if loc.remote:
         import fsspec
 
-        fs, _ = fsspec.core.url_to_fs(target)
+        fs, _ = fsspec.core.url_to_fs(target, skip_instance_cache=True)  # not a cached client of another endpoint
         files = [f.split("://", 1)[1] for f in files]
     table = ds.dataset(files, format="parquet", filesystem=fs).to_table(columns=["key", "split"])
     keys = table.column("key").to_numpy(zero_copy_only=False)
@@ -764,6 +761,9 @@ def _finish(loc: Location, pl: Plan, identity: dict[str, Any], rows_now: int) ->
     record = {**identity, "splits": sorted(pl.splits), "rows": per_split, "parts": len(pl.parts),
               "rows_this_run": rows_now, "finished": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")}
     loc.write_json("_embeddings.json", record)
+    if not loc.remote:  # every rank is done: the staging folder goes if nothing else stages there
+        with contextlib.suppress(OSError):
+            (loc.local_root / ".partial").rmdir()
     logger.info("embeddings complete: %s rows in %d part(s) at %s", per_split, len(pl.parts), loc.target)
     return record
 
@@ -794,7 +794,7 @@ def _dataset(out: str) -> tuple[Any, Location]:
     if loc.remote:
         import fsspec
 
-        fs, target = fsspec.core.url_to_fs(out)
+        fs, target = fsspec.core.url_to_fs(out, skip_instance_cache=True)
     # the parts: what GeoParquet readers take too (names starting with '_' or '.' are not data)
     parts = [f"{target.rstrip('/')}/{n}" for n in loc.list("")
              if n.endswith(".parquet") and not any(c.startswith(("_", ".")) for c in n.split("/"))]
