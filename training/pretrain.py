@@ -37,7 +37,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -150,11 +150,57 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+#: Launchers that start every process themselves and say so in their own variables, not in
+#: RANK/WORLD_SIZE: (rank, size, local rank, local size). Open MPI (mpirun, deepspeed
+#: --launcher openmpi), MVAPICH2, MPICH / Intel MPI (PMI), Slurm (srun, deepspeed --launcher slurm).
+LAUNCHER_VARS = {
+    "Open MPI": ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK",
+                 "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    "MVAPICH2": ("MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_LOCAL_RANK",
+                 "MV2_COMM_WORLD_LOCAL_SIZE"),
+    "MPICH/Intel MPI": ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    "Slurm": ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+}
+
+
+def launcher_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE from an MPI or Slurm launcher's own
+    variables when RANK is not set (empty: none found, or RANK is set).
+
+    Without this, every process of `srun`/`mpirun` took itself for a one-process run: N
+    independent jobs writing one run folder. Several processes must also be told where to
+    meet (MASTER_ADDR, MASTER_PORT): the launcher does not say, so their absence is an error.
+
+    Raises:
+        ConfigError: several processes and no MASTER_ADDR/MASTER_PORT, or a malformed value.
+    """
+    if "RANK" in environ:
+        return {}
+    for name, (rank, size, local, local_size) in LAUNCHER_VARS.items():
+        if rank in environ and size in environ:
+            try:
+                r, n = int(environ[rank]), int(environ[size])
+                lr = int(environ.get(local, "0"))
+                # Slurm may write "4(x2)" for per-node counts: the first number is this node's
+                ln = int(str(environ.get(local_size, "1")).split("(")[0].split(",")[0] or 1)
+            except ValueError:
+                raise ConfigError(f"{name} launcher variables {rank}={environ.get(rank)!r}, "
+                                  f"{size}={environ.get(size)!r} are not integers") from None
+            if n > 1 and not (environ.get("MASTER_ADDR") and environ.get("MASTER_PORT")):
+                raise ConfigError(f"started by {name} as {n} processes ({rank}={r}) but MASTER_ADDR and "
+                                  "MASTER_PORT are not set: export the first node's address and a free "
+                                  "port so the processes can meet (training/PRETRAIN.md, launchers)")
+            return {"RANK": str(r), "WORLD_SIZE": str(n), "LOCAL_RANK": str(lr), "LOCAL_WORLD_SIZE": str(ln)}
+    return {}
+
+
 def _init_distributed() -> tuple[int, int, int]:
-    """Join the process group set up by deepspeed/torchrun, or make a 1-process one."""
+    """Join the process group set up by deepspeed/torchrun (or described by an MPI or Slurm
+    launcher's variables: :func:`launcher_env`), or make a 1-process one."""
     import deepspeed
     import torch.distributed as dist
 
+    os.environ.update(launcher_env(os.environ))
     if "RANK" not in os.environ:  # plain `python training/pretrain.py`
         # MASTER_PORT only names DeepSpeed's CPU shared-memory region here (shm_interface.cpp);
         # nothing listens on it. A one-process group needs no rendezvous: an in-memory store
@@ -179,8 +225,10 @@ def _device(local_rank: int) -> torch.device:
 
     accel = get_accelerator()
     if accel.device_name() == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        # a scheduler that shows each process only its own GPU makes device 0 the right one
+        index = local_rank % max(torch.cuda.device_count(), 1)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     if "OMP_NUM_THREADS" not in os.environ:
         # Share the cores between the processes of this node instead of oversubscribing.
         # torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
@@ -708,6 +756,11 @@ def pretrain(run: RunConfig, shard_sets: list[ShardSet | MixedShardSet], resume:
 def main(argv: list[str] | None = None, prog: str = "deepspeed training/pretrain.py") -> int:
     """CLI entry; returns the exit code (0 ok, 1 non-finite loss, 2 user error, 6 disk full)."""
     args = build_parser(prog).parse_args(argv)
+    try:  # srun / mpirun: their variables, before anything reads RANK
+        os.environ.update(launcher_env(os.environ))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
     rank = int(os.environ.get("RANK", "0"))
     _setup_logging(rank)
     if args.allow_config_change and args.resume is None:
