@@ -370,7 +370,8 @@ def _footprints(metas: Sequence[dict[str, Any]], size: int) -> tuple[list[bytes 
 
 def _table(part: Part, metas: list[dict[str, Any]], emb: np.ndarray | None, size: int,
            dataset: str, embed_dtype: str) -> Any:
-    """The rows of one part as a pyarrow Table (schema: :func:`schema`)."""
+    """The rows of one part as a pyarrow Table (schema: :func:`schema`), with the ``geo``
+    (GeoParquet) schema metadata of their footprints."""
     import pyarrow as pa
 
     wkb, boxes = _footprints(metas, size)
@@ -406,7 +407,8 @@ def _table(part: Part, metas: list[dict[str, Any]], emb: np.ndarray | None, size
     if emb is not None:
         flat = pa.array(emb.reshape(len(metas), width).astype(embed_dtype).ravel())
         arrays.append(pa.FixedSizeListArray.from_arrays(flat, width))
-    return pa.Table.from_arrays(arrays, schema=sch)
+    geo = json.dumps(geo_metadata(boxes)).encode()
+    return pa.Table.from_arrays(arrays, schema=sch).replace_schema_metadata({b"geo": geo})
 
 
 def schema(width: int, embed_dtype: str = "float32") -> Any:
@@ -718,7 +720,6 @@ def _publish_part(loc: Location, scratch: Path, part: Part, metas: list[dict[str
     import pyarrow.parquet as pq
 
     table = _table(part, metas, emb, pl.chip_size, cfg.dataset, "float16" if cfg.float16 else "float32")
-    _, boxes = _footprints(metas, pl.chip_size) if metas else ([], np.zeros((0, 4)))
     info = {**meta_info, "part": part.name, "shard": part.rel, "rows": len(metas)}
     if emb is not None:
         info["embedding_shape"] = list(emb.shape[1:])
@@ -727,8 +728,7 @@ def _publish_part(loc: Location, scratch: Path, part: Part, metas: list[dict[str
         rel = f"_tokens/{part.name.removesuffix('.parquet')}.zarr"
         info["tokens"] = {"path": rel, "shape": list(arr.shape)}
         loc.put_tree(path, rel)
-    table = table.replace_schema_metadata({b"geo": json.dumps(geo_metadata(boxes)).encode(),
-                                           b"spectralgpt": json.dumps(info).encode()})
+    table = table.replace_schema_metadata({**table.schema.metadata, b"spectralgpt": json.dumps(info).encode()})
     tmp = scratch / f"{part.index}.parquet"
     pq.write_table(table, tmp, compression="zstd", row_group_size=max(len(metas), 1))
     loc.publish(tmp, part.name)
@@ -928,8 +928,8 @@ def _chips(out: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
     """Stored chips of ``keys``, read from the shards the run's manifest lists."""
     from pipeline.names import confined, safe_relpath
 
-    vec = load_vectors(out)
-    loc = Location(out)
+    data, loc = _dataset(out)
+    rows = data.to_table(columns=["key", "shard"])  # not the vectors: only where the chips are
     run = loc.read_json("_run.json") or {}
     manifest = str(run.get("manifest") or "")
     if not manifest:
@@ -938,7 +938,8 @@ def _chips(out: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
         manifest = str(loc.local_root / manifest)  # recorded relative to OUT
     root = manifest.rsplit("/", 1)[0] if is_remote(manifest) else str(Path(manifest).resolve().parent)
     want = set(keys)
-    shards = sorted({str(s) for kk, s in zip(vec.keys, vec.shards, strict=True) if kk in want})
+    shards = sorted({str(s) for kk, s in zip(rows.column("key").to_pylist(), rows.column("shard").to_pylist(),
+                                             strict=True) if kk in want})
     chips: dict[str, np.ndarray] = {}
     for rel in shards:
         try:

@@ -46,7 +46,7 @@ from torch import Tensor
 from training.config import ModelConfig, config_from_dict
 from training.errors import TrainingError
 from training.evaluation.errors import EvaluationError
-from training.evaluation.official import ClassifierSpec, classifier_spec, official_layout
+from training.evaluation.official import ClassifierSpec, classifier_spec, count_layers, official_layout
 from training.evaluation.readers import model_bands
 from training.models.spectral_mae import PRESETS, SpectralMAE, load_official_state_dict
 
@@ -102,11 +102,6 @@ def _torch_load(path: Path) -> Any:
                               f"(torch.load weights_only): {str(exc).splitlines()[0]}") from None
 
 
-def _count(state: dict[str, Tensor], prefix: str) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(rf"{prefix}\.(\d+)\.", k))}
-    return max(found) + 1 if found else 0
-
-
 def infer_config(state: dict[str, Tensor], preset: str | None = None) -> ModelConfig:
     """The :class:`ModelConfig` of an official-layout state dict, from its tensor shapes."""
     try:
@@ -118,7 +113,7 @@ def infer_config(state: dict[str, Tensor], preset: str | None = None) -> ModelCo
     except KeyError as exc:
         raise EvaluationError(f"checkpoint lacks {exc} : not the SpectralGPT key layout") from None
     d, u, p = w.shape[0], w.shape[2], w.shape[3]
-    depth, dec_depth = _count(state, "blocks"), _count(state, "decoder_blocks")
+    depth, dec_depth = count_layers(state, "blocks"), count_layers(state, "decoder_blocks")
     grid = math.isqrt(spatial)
     candidates = [preset] if preset else list(PRESETS)
     for name in candidates:

@@ -150,8 +150,9 @@ class ClassifierSpec:
         return self.grid_size**2
 
 
-def _blocks(state: Mapping[str, Tensor]) -> int:
-    found = {int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k))}
+def count_layers(state: Mapping[str, Tensor], prefix: str) -> int:
+    """Number of ``<prefix>.<i>.`` layers in a state dict (``blocks``, ``decoder_blocks``)."""
+    found = {int(m.group(1)) for k in state if (m := re.match(rf"{re.escape(prefix)}\.(\d+)\.", k))}
     return max(found) + 1 if found else 0
 
 
@@ -220,7 +221,7 @@ def classifier_spec(state: Mapping[str, Tensor], *, preset: str | None = None,
     grid = math.isqrt(n_l)
     if grid * grid != n_l:
         raise EvaluationError(f"{n_l} spatial positions are not a square grid")
-    depth = _blocks(state)
+    depth = count_layers(state, "blocks")
     return ClassifierSpec(
         img_size=grid * p, num_bands=num_bands, patch_size=p, band_patch_size=u, embed_dim=d,
         depth=depth, num_heads=_heads(d, depth, preset, num_heads), mlp_ratio=hidden / d,
