@@ -1101,7 +1101,7 @@ def _search_main(argv: list[str], prog: str) -> int:
             write_html(args.output, args.html, query, found)
             logger.info("page written: %s", args.html)
     except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks share the stream
         return exc.exit_code
     for k, s in found:
         print(f"{k}\t{s:.6f}")
@@ -1136,10 +1136,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m training.embed") 
                           args.preset)
         record = embed(cfg)
     except _Exit as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks share the stream
         return exc.code
     except TrainingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        sys.stderr.write(f"error: {exc}\n")  # one write: ranks share the stream
         return exc.exit_code
     except KeyboardInterrupt:
         print("error: interrupted: run the same command again to resume (finished parts are kept)",

@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -526,8 +527,7 @@ def test_one_rank_failing_stops_both_with_its_error(fx: dict[str, Path], tmp_pat
                         str(ds / "manifest.json"), "--dataset", DATASET, "--output", str(tmp_path / "out")],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
-    ours = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
-    assert len(ours) == 2, p.stderr[-3000:]
-    assert any(ln.startswith("error: rank 1: cannot read shard") for ln in ours)
-    assert any(ln.startswith("error: cannot read shard") for ln in ours)
+    # the two ranks write to one stream: count the messages, not the lines
+    assert re.findall(r"error: (rank 1: )?cannot read shard", p.stderr) in (["rank 1: ", ""], ["", "rank 1: "]), \
+        p.stderr[-3000:]
     assert "Connection closed by peer" not in p.stderr and "Caught DataError" not in p.stderr
